@@ -1,0 +1,43 @@
+"""The one interface every embedding backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+class Embedder(ABC):
+    """Token ids in, one float32 vector per sequence out.
+
+    Backends never tokenize: the chunker's token ids are exactly what is embedded, so the
+    tokens counted for batching are the tokens computed on.
+    """
+
+    name: str
+    revision: str | None = None
+    max_context: int
+    native_dim: int
+
+    @abstractmethod
+    def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Return an (len(batch), native_dim) float32 array, not yet normalized or truncated."""
+
+    def embed_stream(self, batches: Iterable[tuple[T, Sequence[Sequence[int]]]]
+                     ) -> Iterator[tuple[T, np.ndarray]]:
+        """Embed batches in order; backends that can keep several in flight override this."""
+        for key, batch in batches:
+            yield key, self.embed_batch(batch)
+
+    def close(self) -> None:
+        """Release the device / engine. Safe to call twice."""
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

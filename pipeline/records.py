@@ -1,0 +1,66 @@
+"""The values that flow between stages: documents in, chunks through, dead letters out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def content_hash(text: str, metadata: dict[str, Any] | None = None) -> str:
+    """Stable hash of what a document says: its text plus the metadata stored beside it."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(text.encode("utf-8", "surrogatepass"))
+    if metadata:
+        h.update(b"\x00")
+        h.update(json.dumps(metadata, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Document:
+    """One row of the corpus.
+
+    ``source`` names where it came from (``file:line`` or ``file#row``) so that every
+    error and dead letter can point at the exact place.
+    """
+
+    doc_id: str
+    text: str
+    source: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.text, self.metadata)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a document, as the exact token ids the model will see.
+
+    ``token_ids`` include the model's special tokens (CLS/SEP or Qwen3's EOS), so
+    ``n_tokens`` is the count that batching budgets and the embedder computes on.
+    ``start``/``end`` are character offsets into the document's text.
+    """
+
+    doc_id: str
+    chunk_index: int
+    start: int
+    end: int
+    token_ids: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A row or chunk that could not be embedded, with the reason, for the dead-letter file."""
+
+    doc_id: str | None
+    source: str
+    reason: str
+    chunk_index: int | None = None
