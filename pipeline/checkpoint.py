@@ -1,0 +1,114 @@
+"""The ledger: which planned batches the sink has acknowledged, durable across kills.
+
+Written with an atomic replace after every acknowledgement, with a checksum so a torn or
+edited file is detected instead of trusted. Batches of finished windows collapse into one
+window number, so the file stays small however long the job runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import FingerprintMismatch, JobError
+from pipeline.planning import window_of
+from pipeline.sinks.atomic import atomic_write_bytes
+
+FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    fingerprint: str
+    done_windows: set[int] = field(default_factory=set)
+    done_batches: dict[int, set[str]] = field(default_factory=dict)
+    vectors_written: int = 0
+    safe_token_budget: int | None = None
+
+    @classmethod
+    def open(cls, directory: Path, fingerprint: str, job_name: str) -> "Checkpoint":
+        """Load the ledger of a previous run, or start an empty one.
+
+        A ledger written by a job whose vectors would differ is refused: resuming would
+        mix two embeddings under one index.
+        """
+        path = directory / "checkpoint.json"
+        if not path.exists():
+            return cls(path=path, fingerprint=fingerprint)
+        state = _read_verified(path)
+        if state["fingerprint"] != fingerprint:
+            raise FingerprintMismatch(
+                f"{path}: checkpoint was written by a different job configuration "
+                f"(fingerprint {state['fingerprint']} != {fingerprint}: model, dimension, pooling "
+                f"or chunking changed); run with --restart to re-embed from scratch")
+        return cls(
+            path=path,
+            fingerprint=fingerprint,
+            done_windows=set(state["done_windows"]),
+            done_batches={int(w): set(b) for w, b in state["done_batches"].items()},
+            vectors_written=state["vectors_written"],
+            safe_token_budget=state.get("safe_token_budget"),
+        )
+
+    def is_done(self, batch_id: str) -> bool:
+        w = window_of(batch_id)
+        return w in self.done_windows or batch_id in self.done_batches.get(w, ())
+
+    def window_done(self, window: int) -> bool:
+        return window in self.done_windows
+
+    def record(self, batch_ids: list[str], vectors: int) -> None:
+        """Mark batches acknowledged by the sink, durably, before anything else happens."""
+        for b in batch_ids:
+            self.done_batches.setdefault(window_of(b), set()).add(b)
+        self.vectors_written += vectors
+        self.save()
+
+    def close_window(self, window: int) -> None:
+        """All of a window's batches are acknowledged: keep one number instead of their ids."""
+        self.done_windows.add(window)
+        self.done_batches.pop(window, None)
+        self.save()
+
+    def save(self) -> None:
+        body = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "done_windows": sorted(self.done_windows),
+            "done_batches": {str(w): sorted(b) for w, b in sorted(self.done_batches.items())},
+            "vectors_written": self.vectors_written,
+            "safe_token_budget": self.safe_token_budget,
+        }
+        atomic_write_bytes(self.path, _seal(body))
+
+
+def _seal(body: dict[str, Any]) -> bytes:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+    return json.dumps({"checksum": digest, "state": body}, indent=1, sort_keys=True).encode()
+
+
+def _read_verified(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_bytes())
+        body = doc["state"]
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        ok = hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest() == doc["checksum"]
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise JobError(f"{path}: checkpoint is corrupt (checksum mismatch); refusing to guess "
+                       f"what was written — run with --restart to start over")
+    if body.get("format") != FORMAT:
+        raise JobError(f"{path}: checkpoint format {body.get('format')} is not supported")
+    return body
+
+
+def read_state(directory: Path) -> dict[str, Any] | None:
+    """The raw ledger, for `embed-job status` (verified, no fingerprint check)."""
+    path = directory / "checkpoint.json"
+    return _read_verified(path) if path.exists() else None

@@ -1,0 +1,124 @@
+"""The ``embed-job`` command line.
+
+Exit codes: 0 done, 1 internal error (a bug: traceback shown), 2 bad job/input/destination,
+3 checkpoint from a different job configuration, 4 another run holds the lock,
+130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.config import Job, load_job
+from pipeline.errors import JobError
+
+EXIT_INTERRUPTED = 130
+
+
+def _fail(error: JobError) -> None:
+    for line in str(error).splitlines():
+        click.echo(f"error: {line}", err=True)
+    sys.exit(error.exit_code)
+
+
+@click.group()
+@click.version_option(package_name="embed-job")
+def main() -> None:
+    """Embed a corpus into Milvus or Parquet, resumably. See README.md for job files."""
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--restart", is_flag=True, help="Forget the checkpoint and plan; embed from scratch.")
+@click.option("--limit", type=click.IntRange(min=1), help="Plan at most N documents (a trial run).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (for cron).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a JSON report of the run to this file.")
+def run(job_file: Path, restart: bool, limit: int | None, quiet: bool, report_path: Path | None
+        ) -> None:
+    """Run (or resume) the job in JOB_FILE."""
+    from pipeline.runner import RunOptions, run_job
+
+    try:
+        job = load_job(job_file)
+        report = run_job(job, RunOptions(restart=restart, limit=limit, progress=not quiet))
+    except KeyboardInterrupt:
+        click.echo("interrupted: progress is checkpointed; run the same command to resume",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except JobError as e:
+        _fail(e)
+    if report_path:
+        report.write_json(report_path)
+    if not quiet:
+        click.echo(report.summary(), err=True)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+def validate(job_file: Path) -> None:
+    """Check JOB_FILE (settings, model, source paths) and print the resolved job."""
+    try:
+        job = load_job(job_file)
+        problems = _deep_checks(job)
+    except JobError as e:
+        _fail(e)
+    if problems:
+        for p in problems:
+            click.echo(f"error: {job_file}: {p}", err=True)
+        sys.exit(2)
+    click.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
+               nl=False)
+    click.echo(f"# {job_file}: OK", err=True)
+
+
+def _deep_checks(job: Job) -> list[str]:
+    """Checks that need the model and the file system, each one line."""
+    from pipeline.models import read_model_info, resolve_model_dir
+    from pipeline.readers import check_source
+
+    problems = []
+    try:
+        info = read_model_info(resolve_model_dir(job.model.path, job.model.revision, job.base_dir))
+        info.check_dimension(job.model.dimension)
+        if job.chunking.max_tokens > info.max_context:
+            problems.append(f"chunking.max_tokens: {job.chunking.max_tokens} > model context "
+                            f"{info.max_context}")
+        if job.batching.token_budget < min(job.chunking.max_tokens, info.max_context):
+            problems.append(f"batching.token_budget: {job.batching.token_budget} < "
+                            f"chunking.max_tokens {job.chunking.max_tokens}: a full chunk "
+                            f"would not fit a batch")
+    except JobError as e:
+        problems.append(str(e))
+    try:
+        check_source(job.source, job.resolve)
+    except JobError as e:
+        problems.append(str(e))
+    return problems
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def status(job_file: Path, as_json: bool) -> None:
+    """Show a job's progress, read from its checkpoint (safe while it runs)."""
+    from pipeline.status import job_status
+
+    try:
+        state = job_status(load_job(job_file))
+    except JobError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    for key, value in state.items():
+        click.echo(f"{key:16} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Embedding with SGLang's offline ``Engine``: the GPU throughput backend.
+
+The contract used (checked in the sglang 0.5.17 source, ``srt/entrypoints/engine.py`` and
+``srt/managers/{io_struct,tokenizer_manager}.py``):
+
+- ``Engine(**kwargs)`` builds a ``ServerArgs`` dataclass from the kwargs (an unknown one is a
+  TypeError) and spawns the scheduler/detokenizer processes; ``engine.loop`` is its asyncio loop.
+- ``Engine.encode``/``async_encode`` take text only (``prompt``), so token ids go in as
+  ``EmbeddingReqInput(input_ids=[[...], ...])`` through ``engine.tokenizer_manager.
+  generate_request(obj, None)``, an async generator whose first item is, for a list of
+  sequences, a list of ``{"embedding": [...], "meta_info": {...}}`` in input order.
+  ``input_ids[0]`` must be a ``list`` for the input to count as a batch.
+- A sequence is rejected (ValueError, before anything reaches the scheduler) when its length
+  is >= the context length, so at most ``context_length - 1`` tokens fit.
+- Vectors come back L2-normalized from bf16 activations (norms 0.998-1.002).
+- ``shutdown()`` kills every child process of this process (``kill_process_tree``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import SGLangConfig
+from pipeline.embedders import DType, model_name
+from pipeline.embedders.base import Embedder, T
+from pipeline.errors import ConfigError
+from pipeline.models import ModelInfo
+
+# The kwargs that make the engine an embedder fed with our token ids; job files may not change them.
+_FIXED = ("model_path", "is_embedding", "skip_tokenizer_init")
+
+
+def engine_kwargs(info: ModelInfo, cfg: SGLangConfig,
+                  dtype: DType = "auto",
+                  device: str = "auto") -> dict[str, Any]:
+    """The ``sglang.Engine`` kwargs for this model and job, None values left out.
+
+    dtype 'auto' is bfloat16 (the engine always runs on a GPU; SGLang's own 'auto' would
+    pick float16 for a float32 checkpoint). Radix (prefix) caching is off: embedding
+    requests are prefill-only and share no prefix worth caching.
+    """
+    clash = [k for k in _FIXED if k in cfg.extra]
+    if clash:
+        raise ConfigError(f"model.sglang.extra: {', '.join(clash)} cannot be overridden")
+    kwargs: dict[str, Any] = {
+        "model_path": str(info.path),
+        "is_embedding": True,
+        "skip_tokenizer_init": True,
+        "disable_radix_cache": True,
+        "dtype": "bfloat16" if dtype == "auto" else dtype,
+        "quantization": cfg.quantization,
+        "attention_backend": cfg.attention_backend,
+        "mem_fraction_static": cfg.mem_fraction_static,
+        "context_length": cfg.context_length or info.max_context,
+        "chunked_prefill_size": cfg.chunked_prefill_size,
+        "max_prefill_tokens": cfg.max_prefill_tokens,
+        "disable_cuda_graph": cfg.disable_cuda_graph,
+        "log_level": "warning",
+        **_device_kwargs(device),
+        **cfg.extra,
+    }
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _device_kwargs(device: str) -> dict[str, Any]:
+    """'cuda:N' becomes SGLang's ``base_gpu_id``; 'auto' leaves the choice to SGLang."""
+    if device == "auto":
+        return {}
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"model.device: {device!r}: the sglang backend runs on 'cuda' or 'cuda:N'")
+    return {"device": "cuda", "base_gpu_id": int(index) if index else None}
+
+
+class SGLangEmbedder(Embedder):
+    """One ``sglang.Engine`` for the embedder's lifetime, fed token ids, several batches in flight.
+
+    Any failure of the engine (start, a rejected batch, a malformed result) shuts it down and
+    raises RuntimeError: a half-working engine holding the GPU is worse than a clear stop.
+    """
+
+    def __init__(self, info: ModelInfo, sglang_cfg: SGLangConfig,
+                 dtype: DType = "auto",
+                 device: str = "auto") -> None:
+        import sglang
+        from sglang.srt.managers.io_struct import EmbeddingReqInput
+
+        self._request_cls = EmbeddingReqInput
+        self.kwargs = engine_kwargs(info, sglang_cfg, dtype, device)
+        self.name = model_name(info.path)
+        self.native_dim = info.hidden_size
+        self.max_context = int(self.kwargs["context_length"]) - 1  # SGLang rejects len >= context
+        self.max_in_flight = sglang_cfg.max_in_flight
+        self._tasks: set[asyncio.Task[np.ndarray]] = set()
+        try:
+            self._engine: Any = sglang.Engine(**self.kwargs)
+        except Exception as e:
+            # Engine() may have spawned the scheduler before failing, and there is no engine
+            # object to shut down: kill what it left, as SGLang's own shutdown would.
+            from sglang.srt.utils import kill_process_tree
+
+            kill_process_tree(os.getpid(), include_parent=False)
+            raise RuntimeError(f"SGLang engine failed to start for {info.path}: "
+                               f"{type(e).__name__}: {e}") from e
+
+    def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        engine = self._live_engine()
+        return self._collect(engine.loop, self._submit(engine, batch), len(batch))
+
+    def embed_stream(self, batches: Iterable[tuple[T, Sequence[Sequence[int]]]]
+                     ) -> Iterator[tuple[T, np.ndarray]]:
+        """Keep up to ``max_in_flight`` batches submitted, yield them in submission order.
+
+        A batch is handed to the engine before the previous result is yielded, so the GPU
+        works through the queued batches while the caller handles one.
+        """
+        engine = self._live_engine()
+        window: deque[tuple[T, int, asyncio.Task[np.ndarray]]] = deque()
+        try:
+            for key, batch in batches:
+                window.append((key, len(batch), self._submit(engine, batch)))
+                if len(window) >= self.max_in_flight:
+                    key, n, task = window.popleft()
+                    yield key, self._collect(engine.loop, task, n)
+            while window:
+                key, n, task = window.popleft()
+                yield key, self._collect(engine.loop, task, n)
+        finally:  # the caller stopped early or a batch failed: drop what is still in flight
+            if self._engine is not None:
+                self._cancel(engine.loop, [task for _, _, task in window])
+
+    def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        self._cancel(engine.loop, list(self._tasks))
+        engine.shutdown()
+
+    def _live_engine(self) -> Any:
+        if self._engine is None:
+            raise RuntimeError(f"SGLang embedder for {self.name} is closed")
+        return self._engine
+
+    def _submit(self, engine: Any, batch: Sequence[Sequence[int]]) -> asyncio.Task[np.ndarray]:
+        # input_ids must be lists of ints: SGLang tells a batch from one sequence by
+        # isinstance(input_ids[0], list).
+        ids = [[int(t) for t in seq] for seq in batch]
+        task = engine.loop.create_task(self._embed(engine, ids))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _embed(self, engine: Any, ids: list[list[int]]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self.native_dim), dtype=np.float32)
+        responses = engine.tokenizer_manager.generate_request(
+            self._request_cls(input_ids=ids), None)
+        try:
+            out = await responses.__anext__()
+        finally:
+            await responses.aclose()
+        return self._check(out, len(ids))
+
+    def _check(self, out: Any, n: int) -> np.ndarray:
+        """Turn the engine's answer into an (n, native_dim) float32 array, or say what is wrong."""
+        if not isinstance(out, list) or len(out) != n:
+            got = f"{len(out)} results" if isinstance(out, list) else type(out).__name__
+            raise ValueError(f"expected {n} results, got {got}")
+        rows = []
+        for i, item in enumerate(out):
+            if not isinstance(item, dict):
+                raise ValueError(f"sequence {i}: got a {type(item).__name__}, not a result dict")
+            reason = (item.get("meta_info") or {}).get("finish_reason")
+            if isinstance(reason, dict) and reason.get("type") == "abort":
+                raise ValueError(f"sequence {i} aborted: {reason.get('message', reason)}")
+            vector = item.get("embedding")
+            if vector is None or len(vector) != self.native_dim:
+                size = "no embedding" if vector is None else f"dimension {len(vector)}"
+                raise ValueError(f"sequence {i}: {size}, expected dimension {self.native_dim}")
+            rows.append(vector)
+        vectors = np.asarray(rows, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            bad = np.unique(np.nonzero(~np.isfinite(vectors))[0]).tolist()
+            raise ValueError(f"non-finite values in sequence(s) {bad[:10]}")
+        return vectors
+
+    def _collect(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[np.ndarray], n: int
+                 ) -> np.ndarray:
+        """Run the engine's loop until ``task`` is done (the other batches progress meanwhile)."""
+        try:
+            return loop.run_until_complete(task)
+        except Exception as e:
+            self.close()
+            raise RuntimeError(f"SGLang failed on a batch of {n} sequences (engine shut down): "
+                               f"{type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _cancel(loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[np.ndarray]]) -> None:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+

@@ -1,0 +1,223 @@
+"""Sort chunks by exact token count, pack them into token-budget batches, spill to disk.
+
+The plan is the contract between the two phases of a run. Each *window* of chunks is
+sorted and cut into batches with deterministic ids (``w00003-b000012``) and written as one
+Parquet file holding the token ids themselves, so executing (and resuming) never
+re-tokenizes and always sees the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.sinks.atomic import atomic_path
+
+PLAN_SCHEMA = pa.schema([
+    ("batch_id", pa.string()),
+    ("pk", pa.string()),
+    ("doc_id", pa.string()),
+    ("chunk_index", pa.int32()),
+    ("start", pa.int64()),
+    ("end", pa.int64()),
+    ("n_tokens", pa.int32()),
+    ("token_ids", pa.list_(pa.int32())),
+    ("doc_hash", pa.string()),
+    ("text", pa.string()),
+    ("metadata", pa.string()),
+    ("source", pa.string()),
+])
+_WINDOW_RE = re.compile(r"^window-(\d{5})\.parquet$")
+COMPLETE_MARKER = "_COMPLETE"
+
+
+def make_batch_id(window: int, index: int) -> str:
+    return f"w{window:05d}-b{index:06d}"
+
+
+def window_of(batch_id: str) -> int:
+    return int(batch_id[1:6])
+
+
+def pack_batches(sorted_lengths: np.ndarray, token_budget: int, max_batch_size: int
+                 ) -> list[tuple[int, int]]:
+    """Greedy cut of ascending lengths into [start, end) runs whose padded size fits the budget.
+
+    With lengths sorted, a batch's padded size is ``rows * last_length``; a chunk longer than
+    the budget still gets a batch of its own (the executor's OOM back-off handles it).
+    """
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i, n in enumerate(sorted_lengths.tolist()):
+        rows = i - start + 1
+        if rows > 1 and (rows * n > token_budget or rows > max_batch_size):
+            bounds.append((start, i))
+            start = i
+    if start < len(sorted_lengths):
+        bounds.append((start, len(sorted_lengths)))
+    return bounds
+
+
+@dataclass
+class WindowStats:
+    """What one plan window holds; summed over windows for the job's totals."""
+
+    window: int
+    doc_start: int
+    doc_end: int
+    docs: int
+    chunks: int
+    tokens: int
+    padded_tokens: int
+    batches: int
+
+    def to_meta(self) -> dict[bytes, bytes]:
+        return {b"embed_job.window": json.dumps(self.__dict__).encode()}
+
+    @classmethod
+    def from_meta(cls, meta: dict[bytes, bytes]) -> "WindowStats":
+        return cls(**json.loads(meta[b"embed_job.window"]))
+
+
+@dataclass
+class PlannedBatch:
+    batch_id: str
+    table: pa.Table
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return self.table.column("token_ids").to_pylist()
+
+    @property
+    def n_tokens(self) -> int:
+        return int(pa.compute.sum(self.table.column("n_tokens")).as_py())
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.table.num_rows * int(pa.compute.max(self.table.column("n_tokens")).as_py())
+
+
+@dataclass
+class PlanRow:
+    pk: str
+    doc_id: str
+    chunk_index: int
+    start: int
+    end: int
+    token_ids: np.ndarray
+    doc_hash: str
+    text: str | None
+    metadata: str
+    source: str
+
+
+@dataclass
+class WindowBuilder:
+    """Collects the chunks of consecutive documents until a window is full."""
+
+    window: int
+    doc_start: int
+    rows: list[PlanRow] = field(default_factory=list)
+    docs: int = 0
+
+    def add(self, rows: list[PlanRow]) -> None:
+        self.rows.extend(rows)
+        self.docs += 1
+
+    def build(self, token_budget: int, max_batch_size: int) -> tuple[pa.Table, WindowStats]:
+        lengths = np.fromiter((len(r.token_ids) for r in self.rows), dtype=np.int64,
+                              count=len(self.rows))
+        order = np.argsort(lengths, kind="stable")
+        sorted_lengths = lengths[order]
+        bounds = pack_batches(sorted_lengths, token_budget, max_batch_size)
+        batch_ids = np.empty(len(self.rows), dtype=object)
+        padded = 0
+        for b, (s, e) in enumerate(bounds):
+            batch_ids[s:e] = make_batch_id(self.window, b)
+            padded += (e - s) * int(sorted_lengths[e - 1])
+        rows = [self.rows[i] for i in order.tolist()]
+        offsets = np.concatenate([[0], np.cumsum(sorted_lengths)]).astype(np.int32)
+        flat = np.concatenate([r.token_ids for r in rows]) if rows else np.empty(0, np.int32)
+        token_col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                             pa.array(flat.astype(np.int32), pa.int32()))
+        table = pa.Table.from_arrays([
+            pa.array(batch_ids.tolist(), pa.string()),
+            pa.array([r.pk for r in rows], pa.string()),
+            pa.array([r.doc_id for r in rows], pa.string()),
+            pa.array([r.chunk_index for r in rows], pa.int32()),
+            pa.array([r.start for r in rows], pa.int64()),
+            pa.array([r.end for r in rows], pa.int64()),
+            pa.array(sorted_lengths.astype(np.int32), pa.int32()),
+            token_col,
+            pa.array([r.doc_hash for r in rows], pa.string()),
+            pa.array([r.text for r in rows], pa.string()),
+            pa.array([r.metadata for r in rows], pa.string()),
+            pa.array([r.source for r in rows], pa.string()),
+        ], schema=PLAN_SCHEMA)
+        stats = WindowStats(window=self.window, doc_start=self.doc_start,
+                            doc_end=self.doc_start + self.docs, docs=self.docs,
+                            chunks=len(rows), tokens=int(sorted_lengths.sum()),
+                            padded_tokens=padded, batches=len(bounds))
+        return table, stats
+
+
+class PlanStore:
+    """The plan directory: one Parquet file per window plus a completion marker."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def window_path(self, window: int) -> Path:
+        return self.dir / f"window-{window:05d}.parquet"
+
+    def windows(self) -> list[int]:
+        if not self.dir.exists():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir()
+                      if (m := _WINDOW_RE.match(p.name)))
+
+    def stats(self, window: int) -> WindowStats:
+        return WindowStats.from_meta(pq.read_schema(self.window_path(window)).metadata)
+
+    def all_stats(self) -> list[WindowStats]:
+        return [self.stats(w) for w in self.windows()]
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / COMPLETE_MARKER).exists()
+
+    def write_window(self, table: pa.Table, stats: WindowStats) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        table = table.replace_schema_metadata(stats.to_meta())
+        with atomic_path(self.window_path(stats.window)) as tmp:
+            # one row group per ~batch run keeps reads of a single batch cheap
+            pq.write_table(table, tmp, row_group_size=8192, compression="zstd")
+
+    def mark_complete(self, info: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.dir / COMPLETE_MARKER) as tmp:
+            Path(tmp).write_text(json.dumps(info))
+
+    def doc_ids(self, window: int) -> list[str]:
+        return pq.read_table(self.window_path(window), columns=["doc_id"]).column(
+            "doc_id").to_pylist()
+
+    def batches(self, window: int) -> Iterator[PlannedBatch]:
+        """The window's batches in plan order, one Arrow slice each."""
+        table = pq.read_table(self.window_path(window))
+        ids = table.column("batch_id").to_numpy(zero_copy_only=False)
+        if len(ids) == 0:
+            return
+        cuts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+        starts = np.concatenate([[0], cuts])
+        ends = np.concatenate([cuts, [len(ids)]])
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            yield PlannedBatch(batch_id=str(ids[s]), table=table.slice(s, e - s))

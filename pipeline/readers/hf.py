@@ -1,0 +1,95 @@
+"""Hugging Face ``datasets`` sources: a hub name, a local data directory, or a ``save_to_disk`` copy."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+from datasets.exceptions import DatasetsError
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+from pipeline.config import SourceConfig
+from pipeline.errors import InputError
+from pipeline.records import DeadLetter, Document
+from pipeline.readers.rows import expand_paths, one_line, projection, row_to_document
+
+AnyDataset = datasets.Dataset | datasets.IterableDataset
+
+# "Bad split: x. Available splits: ['train']" / 'Unknown split "x". Should be one of [...]'
+_SPLIT_LIST = re.compile(r"(?:Available splits:|Should be one of)\s*(\[[^\]]*\])")
+
+
+def read_hf(source: SourceConfig, resolve: Callable[[str], Path],
+            on_dead_letter: Callable[[DeadLetter], None]) -> Iterator[Document]:
+    """Load (or open lazily, when streaming) now, so a bad name or split fails before any work.
+
+    ``source`` of each Document is ``hf:<dataset>[<split>]#ROW`` (0-based).
+    """
+    label = f"hf:{source.dataset}"
+    ds = _load(source, resolve, label)
+    columns = ds.column_names
+    if columns is not None:  # a streamed dataset may not know its columns before reading
+        ds = ds.select_columns(projection(source, columns, label))
+    return _documents(ds, source, f"{label}[{source.split}]", on_dead_letter)
+
+
+def _documents(ds: AnyDataset, source: SourceConfig, label: str,
+               on_dead_letter: Callable[[DeadLetter], None]) -> Iterator[Document]:
+    for index, row in enumerate(_rows(ds, label)):
+        doc = row_to_document(row, f"{label}#{index}", source, on_dead_letter)
+        if doc is not None:
+            yield doc
+
+
+def _rows(ds: AnyDataset, label: str) -> Iterator[dict[str, Any]]:
+    """Rows one at a time (memory-mapped or streamed); a data file that breaks is terminal."""
+    try:
+        yield from ds
+    except (DatasetsError, pa.ArrowException, ValueError) as e:
+        raise InputError(f"{label}: {one_line(e)}") from None
+
+
+def _load(source: SourceConfig, resolve: Callable[[str], Path], label: str) -> AnyDataset:
+    local = resolve(source.dataset)
+    if _is_saved_dataset(local):
+        return _from_disk(local, source.split, label)
+    data_files: str | list[str] | None = source.data_files
+    if source.dataset in _PACKAGED_DATASETS_MODULES and data_files is not None:
+        # A builder ('json', 'parquet') reads job-relative files, found here like any file
+        # source; a local or hub dataset's data_files are patterns inside it, kept as written.
+        patterns = [data_files] if isinstance(data_files, str) else data_files
+        data_files = [str(p) for p in expand_paths(patterns, resolve)]
+    try:
+        return datasets.load_dataset(
+            str(local) if local.exists() else source.dataset, name=source.config,
+            split=source.split, streaming=source.streaming, data_files=data_files)
+    except (DatasetsError, FileNotFoundError, ValueError) as e:
+        raise InputError(_split_message(label, source.split, e) or f"{label}: {one_line(e)}") from None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file() or (
+        path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file()
+
+
+def _from_disk(path: Path, split: str, label: str) -> datasets.Dataset:
+    """A ``save_to_disk`` copy; a DatasetDict gives up the configured split."""
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.Dataset):
+        return saved
+    if split not in saved:
+        raise InputError(f"{label}: split {split!r} not found; available: {', '.join(saved)}")
+    return saved[split]
+
+
+def _split_message(label: str, split: str, error: Exception) -> str | None:
+    """datasets' bad-split errors in this module's one-line shape, or None if not one."""
+    match = _SPLIT_LIST.search(str(error)) if isinstance(error, ValueError) else None
+    if match is None:
+        return None
+    available = re.findall(r"'([^']*)'", match.group(1))
+    return f"{label}: split {split!r} not found; available: {', '.join(available)}"

@@ -1,0 +1,51 @@
+"""Parquet files, read a batch of rows at a time so memory stays bounded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import SourceConfig
+from pipeline.errors import InputError
+from pipeline.records import DeadLetter, Document
+from pipeline.readers.rows import one_line, projection, row_to_document
+
+BATCH_ROWS = 1024
+
+
+def read_parquet(path: Path, source: SourceConfig,
+                 on_dead_letter: Callable[[DeadLetter], None]) -> Iterator[Document]:
+    """Documents from one Parquet file; ``source`` is ``file#ROW`` (0-based over the file)."""
+    for index, row in enumerate(_rows(path, source)):
+        doc = row_to_document(row, f"{path}#{index}", source, on_dead_letter)
+        if doc is not None:
+            yield doc
+
+
+def check_parquet(path: Path, source: SourceConfig) -> None:
+    """Read only the footer: is it Parquet, and are the needed columns there?"""
+    with _parquet_file(path) as pf:
+        projection(source, pf.schema_arrow.names, str(path))
+
+
+def _rows(path: Path, source: SourceConfig) -> Iterator[dict[str, Any]]:
+    """Rows of only the needed columns, one bounded batch in memory at a time."""
+    with _parquet_file(path) as pf:
+        columns = projection(source, pf.schema_arrow.names, str(path))
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            yield from batch.to_pylist()
+
+
+@contextmanager
+def _parquet_file(path: Path) -> Iterator[pq.ParquetFile]:
+    """The open file; an Arrow failure, on opening or mid-read, is terminal and names the file."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            yield pf
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path}: not a readable Parquet file: {one_line(e)}") from None

@@ -1,0 +1,71 @@
+"""What a run did: counters, the one-screen summary, and the JSON report for cron."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.sinks.atomic import atomic_write_bytes
+
+
+@dataclass
+class RunReport:
+    job: str
+    status: str = "running"  # completed | partial (--limit) | interrupted | failed
+    fingerprint: str = ""
+    sink: str = ""
+    # the plan as a whole (all windows planned so far, this run and earlier ones)
+    docs: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    plan_complete: bool = False
+    # this run
+    batches_embedded: int = 0
+    batches_skipped: int = 0
+    chunks_embedded: int = 0
+    tokens_embedded: int = 0
+    vectors_written: int = 0
+    vectors_total: int = 0
+    dead_letters: int = 0
+    dead_letters_added: int = 0
+    dead_letter_file: str = ""
+    model_load_s: float = 0.0
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def padding_waste(self) -> float:
+        """Share of computed (padded) tokens that were padding."""
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "padding_waste": round(self.padding_waste, 4)}
+
+    def write_json(self, path: Path) -> None:
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode())
+
+    def summary(self) -> str:
+        rate = f"{self.tokens_per_s:,.0f}"
+        lines = [
+            f"embed-job {self.job}: {self.status}",
+            f"  documents     {self.docs:,}" + ("" if self.plan_complete else " (plan incomplete)"),
+            f"  chunks        {self.chunks:,} in {self.batches:,} batches "
+            f"(padding waste {self.padding_waste:.1%})",
+            f"  tokens        {self.tokens:,}",
+            f"  this run      {self.chunks_embedded:,} chunks, {self.tokens_embedded:,} tokens "
+            f"embedded; {self.batches_skipped:,} batches already done",
+            f"  vectors       {self.vectors_written:,} written this run, {self.vectors_total:,} in all"
+            f" -> {self.sink}",
+            f"  dead letters  {self.dead_letters:,} ({self.dead_letters_added:,} new)"
+            + (f" -> {self.dead_letter_file}" if self.dead_letters else ""),
+            f"  time          {self.wall_s:,.1f} s wall, model load {self.model_load_s:,.1f} s, "
+            f"{rate} tokens/s",
+        ]
+        if self.error:
+            lines.append(f"  error         {self.error}")
+        return "\n".join(lines)

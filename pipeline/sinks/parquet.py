@@ -1,0 +1,133 @@
+"""Parquet sink: batches grouped into files named after their first batch, written atomically.
+
+A file is named ``part-<first batch id>.parquet``. Batches arrive in plan order and, after a
+resume, the first unacknowledged batch starts a new file, so a redone file gets the same name
+and replaces the old one: no duplicates. Batch ids are acknowledged only once their file has
+been renamed into place. The columns match the Milvus sink's schema so the files can be
+bulk-imported; dimension, batch ids and the caller's model info go into the file metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import SinkError
+from pipeline.sinks.atomic import TEMP_SUFFIX, atomic_path
+from pipeline.sinks.base import Sink, VectorBatch
+from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def part_name(first_batch_id: str) -> str:
+    """The deterministic file name of the file that starts with this batch."""
+    return f"part-{first_batch_id}.parquet"
+
+
+class ParquetSink(Sink):
+    """Vectors into a directory of Parquet files of about ``rows_per_file`` rows each."""
+
+    def __init__(self, directory: str | Path, *, rows_per_file: int = 50_000,
+                 store_text: bool = True, file_metadata: Mapping[str, str] | None = None) -> None:
+        """``file_metadata``: extra key-value pairs (model, fingerprint...) for every file."""
+        self.directory = Path(directory)
+        self.rows_per_file = rows_per_file
+        self.store_text = store_text
+        self.file_metadata = dict(file_metadata or {})
+        self.dimension: int | None = None
+        self._schema: pa.Schema | None = None
+        self._pending: list[tuple[str, pa.RecordBatch]] = []
+        self._rows = 0
+
+    def on_write_start(self, dimension: int) -> None:
+        """Create the directory and sweep temp files a killed run left behind."""
+        self.dimension = dimension
+        self._schema = self._make_schema(dimension)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SinkError(f"parquet {self.directory}: cannot create the directory: {e}") from e
+        self._remove_temps()
+
+    def write(self, batch: VectorBatch) -> list[str]:
+        """Buffer the batch; when the file is full write it and acknowledge all its batches."""
+        if not self._pending and not _SAFE_ID.match(batch.batch_id):
+            raise SinkError(f"parquet {self.directory}: batch id {batch.batch_id!r} cannot name "
+                            "a file")
+        self._pending.append((batch.batch_id, self._record_batch(batch)))
+        self._rows += len(batch)
+        return self._write_file() if self._rows >= self.rows_per_file else []
+
+    def on_write_complete(self) -> list[str]:
+        """Write the last, partial file."""
+        return self._write_file() if self._pending else []
+
+    def on_write_failed(self, error: BaseException) -> None:
+        """Drop the unacknowledged buffer (its batches will be redone) and any temp file."""
+        self._discard()
+        self._remove_temps()
+
+    def close(self) -> None:
+        self._discard()
+
+    def _make_schema(self, dimension: int) -> pa.Schema:
+        fields = [
+            pa.field("pk", pa.string(), nullable=False),
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("chunk_index", pa.int32(), nullable=False),
+            pa.field("doc_hash", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("metadata", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dimension), nullable=False),
+        ]
+        return pa.schema([f for f in fields if self.store_text or f.name != "text"])
+
+    def _record_batch(self, batch: VectorBatch) -> pa.RecordBatch:
+        """The batch as Arrow now, so bad data fails on its own batch, not at file time."""
+        assert self._schema is not None and self.dimension is not None, "on_write_start first"
+        where = f"parquet {self.directory}: batch {batch.batch_id}"
+        vectors = checked_vectors(batch.vectors, len(batch), self.dimension, where)
+        metadata = batch.metadata or [{}] * len(batch)
+        columns: dict[str, pa.Array] = {
+            "pk": pa.array(batch.pks, pa.string()),
+            "doc_id": pa.array(batch.doc_ids, pa.string()),
+            "chunk_index": pa.array(batch.chunk_indexes, pa.int32()),
+            "doc_hash": pa.array(batch.doc_hashes, pa.string()),
+            "metadata": pa.array([metadata_json(m, where) for m in metadata], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), self.dimension),
+        }
+        if self.store_text:
+            if batch.texts is None:
+                raise SinkError(f"{where}: the batch has no texts but sink.store_text is on")
+            columns["text"] = pa.array([truncate_utf8(t) for t in batch.texts], pa.string())
+        return pa.RecordBatch.from_arrays([columns[n] for n in self._schema.names],
+                                          schema=self._schema)
+
+    def _write_file(self) -> list[str]:
+        ids = [batch_id for batch_id, _ in self._pending]
+        path = self.directory / part_name(ids[0])
+        metadata = {**self.file_metadata, "dimension": str(self.dimension),
+                    "batch_ids": json.dumps(ids)}
+        table = pa.Table.from_batches([rb for _, rb in self._pending], schema=self._schema)
+        try:
+            with atomic_path(path) as tmp:
+                pq.write_table(table.replace_schema_metadata(metadata), tmp)
+        except OSError as e:
+            raise SinkError(f"parquet {path}: {e}") from e
+        self._discard()
+        return ids
+
+    def _discard(self) -> None:
+        self._pending.clear()
+        self._rows = 0
+
+    def _remove_temps(self) -> None:
+        for tmp in self.directory.glob(f".part-*.parquet.*{TEMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,125 @@
+"""The writer stage: sink writes, retries, and the ledger, on a thread of its own.
+
+Only this thread touches the sink and the checkpoint, in plan order, so a batch id is
+recorded only after the sink acknowledged it (invariant 3) and sink I/O overlaps compute.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.errors import TransientError
+from pipeline.faults import fault_point
+from pipeline.planning import window_of
+from pipeline.sinks.base import Sink, VectorBatch
+
+
+@dataclass(frozen=True)
+class WindowEnd:
+    """Every batch of this window has been handed to the writer."""
+
+    window: int
+
+
+_STOP = object()
+
+
+def with_retries(fn: Callable[[], list[str]], attempts: int = 5, base_delay: float = 0.5
+                 ) -> list[str]:
+    """Retry transient sink failures with exponential backoff and full jitter."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except TransientError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0, base_delay * 2 ** attempt))
+    raise AssertionError("unreachable")
+
+
+class Writer:
+    """Consumes VectorBatches and WindowEnds from a bounded queue."""
+
+    def __init__(self, sink: Sink, checkpoint: Checkpoint, on_ack: Callable[[VectorBatch], None],
+                 depth: int = 4) -> None:
+        self.sink = sink
+        self.checkpoint = checkpoint
+        self.on_ack = on_ack
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._inflight: dict[str, VectorBatch] = {}
+        self._pending: dict[int, int] = defaultdict(int)
+        self._ended: set[int] = set()
+        self._thread = threading.Thread(target=self._loop, name="embed-job-writer", daemon=True)
+
+    def start(self) -> "Writer":
+        self._thread.start()
+        return self
+
+    def put(self, item: VectorBatch | WindowEnd) -> None:
+        """Hand over an item; raises the writer's error instead of blocking on a dead writer."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Drain the queue, make the sink durable, record the last acknowledgements."""
+        self.put(_STOP)  # type: ignore[arg-type]
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        try:
+            while (item := self.queue.get()) is not _STOP:
+                if isinstance(item, WindowEnd):
+                    self._ended.add(item.window)
+                    self._close_finished()
+                else:
+                    self._inflight[item.batch_id] = item
+                    self._pending[window_of(item.batch_id)] += 1
+                    self._acked(with_retries(lambda: self._write(item)))
+            self._acked(with_retries(self.sink.on_write_complete))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+            self.sink.on_write_failed(e)
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _write(self, batch: VectorBatch) -> list[str]:
+        acked = self.sink.write(batch)
+        fault_point("after_sink_write")
+        return acked
+
+    def _acked(self, batch_ids: list[str]) -> None:
+        if not batch_ids:
+            return
+        batches = [self._inflight.pop(b) for b in batch_ids]
+        self.checkpoint.record(batch_ids, sum(len(b) for b in batches))
+        fault_point("after_ack")
+        for b in batches:
+            self._pending[window_of(b.batch_id)] -= 1
+            self.on_ack(b)
+        self._close_finished()
+
+    def _close_finished(self) -> None:
+        for w in sorted(self._ended):
+            if self._pending[w] == 0:
+                self.checkpoint.close_window(w)
+                self._ended.discard(w)
+                self._pending.pop(w, None)

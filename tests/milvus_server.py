@@ -1,0 +1,183 @@
+"""A real Milvus server for the sink tests, and the scenario both Lite and the server must pass.
+
+The PyPI ``milvus`` package's ``milvus-server`` binds every interface, so it only ever runs
+inside a fresh network namespace. The test process has to share that namespace to reach it,
+so the pytest test runs this file as a script under ``unshare -n``:
+
+    unshare -n python tests/milvus_server.py
+
+which brings up ``lo``, starts the server on a throwaway data dir, waits until it answers,
+runs :func:`run_scenario` against it, stops it by process group and exits 0 (or 1).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.errors import SinkError  # noqa: E402
+from pipeline.sinks.base import VectorBatch  # noqa: E402
+
+if TYPE_CHECKING:  # pymilvus only where a Milvus test runs: the Parquet tests share make_batch
+    from pipeline.sinks.milvus import MilvusSink
+
+DIM = 8
+PORT = 19530
+ODD_DOC = 'odd "doc" \\ é 😀\nline'  # quotes, backslash, non-BMP, newline: filter escaping
+LONG_TEXT = "é" * 40_000  # 80,000 UTF-8 bytes: over VARCHAR(65535) on a server
+OK_LINE = "milvus server scenario ok"
+
+
+def make_batch(batch_id: str, start: int, n: int, dim: int = DIM) -> VectorBatch:
+    """Rows ``start..start+n``: pk ``pk<i>``, three chunks per doc, doc 1 has an odd id."""
+    rng = np.random.default_rng(start)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = range(start, start + n)
+    return VectorBatch(
+        batch_id=batch_id,
+        pks=[f"pk{i}" for i in rows],
+        doc_ids=[ODD_DOC if i // 3 == 1 else f"doc{i // 3}" for i in rows],
+        chunk_indexes=[i % 3 for i in rows],
+        doc_hashes=[f"hash{i // 3}" for i in rows],
+        vectors=vectors,
+        texts=[f"text {i}" for i in rows],
+        metadata=[{"i": i, "tags": ["a", "é"], "nested": {"ok": True, "none": None}}
+                  for i in rows],
+    )
+
+
+def run_scenario(make_sink: Callable[[], MilvusSink]) -> None:
+    """Create, write (one batch twice, as after a crash), count, read back, search, delete,
+    reopen; raises AssertionError on the first difference."""
+    b0, b1 = make_batch("b0", 0, 10), make_batch("b1", 10, 10)
+    b1.texts[0] = LONG_TEXT  # type: ignore[index]
+    sink = make_sink()
+    sink.on_write_start(DIM)
+    assert [sink.write(b) for b in (b0, b1, b0)] == [["b0"], ["b1"], ["b0"]]
+    assert sink.count() == 20, sink.count()  # Strong read, before any flush
+    assert sink.on_write_complete() == []
+    assert sink.existing_pks() == set(b0.pks + b1.pks)
+
+    stored = next(sink.query(f'pk == "{b1.pks[0]}"', fields=("pk", "text", "metadata")))
+    text = stored["text"]
+    assert len(text.encode()) <= 65535 and LONG_TEXT.startswith(text), len(text.encode())
+    assert stored["metadata"] == b1.metadata[0], stored["metadata"]
+
+    hits = sink.search(b1.vectors[3], limit=3)
+    assert (hits[0][0], hits[0][1]) == (b1.pks[3], b1.doc_ids[3]), hits
+    assert abs(hits[0][2] - 1.0) < 1e-4, hits
+
+    sink.delete_docs(["doc0", ODD_DOC, "no-such-doc"])
+    expected = {pk for pk, doc in zip(b0.pks + b1.pks, b0.doc_ids + b1.doc_ids)
+                if doc not in ("doc0", ODD_DOC)}
+    assert sink.count() == len(expected) == 14, sink.count()
+    assert sink.existing_pks() == expected
+    sink.close()
+    sink.close()
+
+    again = make_sink()
+    again.on_write_start(DIM)
+    assert again.count() == 14
+    again.close()
+    wrong = make_sink()
+    try:
+        wrong.on_write_start(DIM // 2)
+    except SinkError as e:
+        assert f"vector dimension {DIM} != job dimension {DIM // 2}" in str(e), e
+    else:
+        raise AssertionError("a dimension mismatch was accepted")
+    finally:
+        wrong.close()
+
+
+def milvus_server_bin() -> str | None:
+    """The ``milvus-server`` script: on PATH, or beside this interpreter (an unactivated venv)."""
+    beside = Path(sys.executable).parent / "milvus-server"
+    return shutil.which("milvus-server") or (str(beside) if beside.exists() else None)
+
+
+def start_server(data_dir: Path, port: int = PORT) -> subprocess.Popen[bytes]:
+    """Start the server in its own process group, logging into ``data_dir``."""
+    exe = milvus_server_bin()
+    assert exe, "milvus-server is not installed"
+    with open(data_dir / "server.log", "wb") as log:
+        return subprocess.Popen([exe, "--data", str(data_dir), "--proxy-port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], uri: str, timeout: float = 90.0) -> float:
+    """Seconds until the server answers a request; raises if it exits or takes too long."""
+    from pymilvus import MilvusClient
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"milvus-server exited with {proc.returncode}")
+        try:
+            client = MilvusClient(uri, timeout=2)
+            client.list_collections()
+            client.close()
+            return time.monotonic() - start
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.3)
+    raise TimeoutError(f"milvus-server not healthy after {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT lets the wrapper stop its ``milvus`` child; then SIGKILL whatever is left of the
+    group (a SIGTERMed server can hang in shutdown for minutes)."""
+    for sig, wait in ((signal.SIGINT, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def main() -> int:
+    """Run inside a fresh network namespace: bring up lo, start, test, stop."""
+    from pipeline.sinks.milvus import MilvusSink
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the test's timeout: clean up
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    uri = f"http://127.0.0.1:{PORT}"
+    with tempfile.TemporaryDirectory(prefix="milvus-server-", ignore_cleanup_errors=True) as tmp:
+        proc = start_server(Path(tmp))
+        try:
+            print(f"healthy after {wait_healthy(proc, uri):.1f} s", flush=True)
+            t = time.monotonic()
+            run_scenario(lambda: MilvusSink(uri, "scenario"))
+            print(f"scenario took {time.monotonic() - t:.1f} s", flush=True)
+        except Exception:  # noqa: BLE001 - reported through the exit code and output
+            traceback.print_exc()
+            for log in (Path(tmp) / "server.log", Path(tmp) / "logs" / "milvus-stdout.log"):
+                if log.exists():
+                    print(f"--- {log.name}:", log.read_text(errors="replace")[-2000:])
+            return 1
+        finally:
+            stop_server(proc)
+    print(OK_LINE, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

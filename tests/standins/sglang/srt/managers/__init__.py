@@ -1,0 +1,1 @@
+"""Stand-in for ``sglang.srt.managers`` (see ``sglang/__init__.py``)."""

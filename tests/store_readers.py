@@ -1,0 +1,51 @@
+"""Read back what a run wrote, with the stores' own clients (no product code involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def milvus_rows(uri: Path | str, collection: str) -> dict[str, dict]:
+    """Every row of a collection keyed by primary key; a duplicate key fails loudly."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(str(uri))
+    try:
+        client.load_collection(collection)
+        it = client.query_iterator(collection, batch_size=1000, filter='pk != ""',
+                                   output_fields=["pk", "doc_id", "chunk_index", "vector"])
+        rows: dict[str, dict] = {}
+        while batch := it.next():
+            for r in batch:
+                assert r["pk"] not in rows, f"duplicate primary key {r['pk']}"
+                rows[r["pk"]] = {"doc_id": r["doc_id"], "chunk_index": r["chunk_index"],
+                                 "vector": np.asarray(r["vector"], dtype=np.float32)}
+        it.close()
+        count = client.query(collection, filter="", output_fields=["count(*)"],
+                             consistency_level="Strong")[0]["count(*)"]
+        assert count == len(rows), f"count(*) {count} != rows read {len(rows)}"
+        return rows
+    finally:
+        client.close()
+
+
+def parquet_rows(directory: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for f in sorted(directory.glob("*.parquet")):
+        t = pq.read_table(f)
+        for pk, doc, idx, vec in zip(t["pk"].to_pylist(), t["doc_id"].to_pylist(),
+                                     t["chunk_index"].to_pylist(), t["vector"].to_pylist()):
+            assert pk not in rows, f"duplicate primary key {pk} in {f.name}"
+            rows[pk] = {"doc_id": doc, "chunk_index": idx,
+                        "vector": np.asarray(vec, dtype=np.float32)}
+    return rows
+
+
+def assert_same_store(a: dict[str, dict], b: dict[str, dict], min_cos: float = 0.9999) -> None:
+    assert a.keys() == b.keys()
+    for pk in a:
+        cos = float(np.dot(a[pk]["vector"], b[pk]["vector"]))
+        assert cos >= min_cos, f"{pk}: cosine {cos}"

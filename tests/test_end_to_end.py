@@ -1,0 +1,124 @@
+"""A whole run on real parts: JSONL in, MiniLM, Milvus Lite or Parquet out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import demo_docs, make_job
+from pipeline.chunking import Chunker
+from pipeline.cli import main
+from pipeline.config import load_job
+from pipeline.keys import chunk_pk
+from pipeline.records import Document
+from pipeline.runner import JobContext
+from store_readers import milvus_rows, parquet_rows
+
+
+def expected_pks(job_path: Path, docs: list[dict]) -> set[str]:
+    """The key set a correct run must produce, from the chunker alone."""
+    ctx = JobContext.load(load_job(job_path))
+    chunker = Chunker(ctx.tokenizer, ctx.job.chunking, ctx.info.max_context)
+    keys = set()
+    for d in docs:
+        chunks = chunker.chunk(Document(d["id"], d["text"], "test"))
+        keys |= {chunk_pk(ctx.fingerprint, d["id"], c.chunk_index) for c in chunks}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def milvus_run(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    docs = demo_docs(25)
+    job = make_job(tmp, docs)
+    result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report", str(tmp / "r.json")])
+    assert result.exit_code == 0, result.output
+    return tmp, docs, job, json.loads((tmp / "r.json").read_text())
+
+
+def test_milvus_holds_exactly_the_expected_keys(milvus_run) -> None:
+    tmp, docs, job, report = milvus_run
+    rows = milvus_rows(tmp / "out.db", "t")
+    assert set(rows) == expected_pks(job, docs)
+    assert {r["doc_id"] for r in rows.values()} == {d["id"] for d in docs}
+    assert report["vectors_written"] == len(rows) == report["chunks"]
+    norms = np.linalg.norm(np.stack([r["vector"] for r in rows.values()]), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_search_for_own_text_finds_the_document_first(milvus_run) -> None:
+    from pymilvus import MilvusClient
+
+    from pipeline.embedders import make_embedder
+    from pipeline.embedders.matryoshka import truncate_and_normalize
+
+    tmp, docs, job, _ = milvus_run
+    ctx = JobContext.load(load_job(job))
+    embedder = make_embedder(ctx.job.model, ctx.info, ctx.tokenizer.pad_id)
+    client = MilvusClient(str(tmp / "out.db"))
+    try:
+        for d in docs[:8]:
+            first_sentence = d["text"].split("\n\n")[0][:300]
+            q = truncate_and_normalize(embedder.embed_batch([ctx.tokenizer.query_ids(first_sentence, None)]), None)
+            hits = client.search("t", data=q.tolist(), limit=3, output_fields=["doc_id"])[0]
+            assert hits[0]["entity"]["doc_id"] == d["id"], (d["id"], hits)
+    finally:
+        client.close()
+
+
+def test_report_counts_are_consistent(milvus_run) -> None:
+    _, docs, _, report = milvus_run
+    assert report["status"] == "completed"
+    assert report["docs"] == len(docs)
+    assert report["tokens_embedded"] == report["tokens"] > 0
+    assert 0 <= report["padding_waste"] < 0.5
+    assert report["padded_tokens"] >= report["tokens"]
+
+
+def test_second_run_embeds_nothing_and_changes_nothing(milvus_run) -> None:
+    tmp, _, job, report = milvus_run
+    before = milvus_rows(tmp / "out.db", "t")
+    result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report", str(tmp / "r2.json")])
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp / "r2.json").read_text())
+    assert again["tokens_embedded"] == 0
+    assert again["batches_skipped"] == report["batches"]
+    assert milvus_rows(tmp / "out.db", "t").keys() == before.keys()
+
+
+def test_parquet_sink_with_matryoshka_dimension(tmp_path: Path) -> None:
+    docs = demo_docs(12)
+    job = make_job(tmp_path, docs, model={"dimension": 128},
+                   sink={"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 40})
+    result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = parquet_rows(tmp_path / "vectors")
+    assert set(rows) == expected_pks(job, docs)
+    files = sorted((tmp_path / "vectors").glob("*.parquet"))
+    assert len(files) >= 2
+    schema = pq.read_schema(files[0])
+    assert schema.field("vector").type == pa.list_(pa.float32(), 128)
+    for r in rows.values():
+        assert r["vector"].shape == (128,)
+        assert abs(np.linalg.norm(r["vector"]) - 1) < 1e-5
+
+
+def test_limit_runs_a_trial_then_the_rest(tmp_path: Path) -> None:
+    docs = demo_docs(10)
+    job = make_job(tmp_path, docs)
+    runner = CliRunner()
+    r1 = runner.invoke(main, ["run", str(job), "--quiet", "--limit", "3", "--report", str(tmp_path / "a.json")])
+    assert r1.exit_code == 0, r1.output
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert first["status"] == "partial" and first["docs"] == 3
+    r2 = runner.invoke(main, ["run", str(job), "--quiet", "--report", str(tmp_path / "b.json")])
+    assert r2.exit_code == 0, r2.output
+    second = json.loads((tmp_path / "b.json").read_text())
+    assert second["status"] == "completed" and second["docs"] == 10
+    assert set(milvus_rows(tmp_path / "out.db", "t")) == expected_pks(job, docs)

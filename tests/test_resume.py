@@ -1,0 +1,103 @@
+"""Kill a run anywhere, run it again: the store ends exactly as after an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import demo_docs, make_job
+from pipeline.cli import main
+from store_readers import assert_same_store, milvus_rows, parquet_rows
+
+DOCS = demo_docs(14)
+# small windows and batches so that a run has many of both to be killed between
+SMALL = {"batching": {"token_budget": 512, "max_batch_size": 4, "sort_window": 12}}
+
+
+def run_cli(job: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("EMBED_JOB_FAULT", None)
+    if fault:
+        env["EMBED_JOB_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict]]:
+    """Uninterrupted runs, one per sink kind."""
+    out = {}
+    for kind in ("milvus", "parquet"):
+        tmp = tmp_path_factory.mktemp(f"ref-{kind}")
+        job = make_job(tmp, DOCS, **SMALL, **_sink(kind))
+        result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+        assert result.exit_code == 0, result.output
+        out[kind] = _rows(tmp, kind)
+    return out
+
+
+def _sink(kind: str) -> dict:
+    if kind == "parquet":
+        return {"sink": {"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 10}}
+    return {}
+
+
+def _rows(tmp: Path, kind: str) -> dict[str, dict]:
+    return milvus_rows(tmp / "out.db", "t") if kind == "milvus" else parquet_rows(tmp / "vectors")
+
+
+@pytest.mark.parametrize("kind", ["milvus", "parquet"])
+@pytest.mark.parametrize("fault", ["after_read@5", "after_plan_window@1", "after_embed@3",
+                                   "after_sink_write@2", "after_ack@4"])
+def test_sigkill_at_a_fault_point_then_resume(tmp_path: Path, reference, kind: str, fault: str
+                                              ) -> None:
+    job = make_job(tmp_path, DOCS, **SMALL, **_sink(kind))
+    killed = run_cli(job, fault=f"{fault}:kill")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_cli(job, "--report", str(tmp_path / "r.json"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "completed"
+    assert_same_store(_rows(tmp_path, kind), reference[kind])
+
+
+def test_external_sigkill_mid_run_then_resume(tmp_path: Path, reference) -> None:
+    """No fault hook: a real `kill -9` from outside once some batches are acknowledged."""
+    job = make_job(tmp_path, DOCS, **SMALL)
+    ckpt = tmp_path / ".embed-job" / "t" / "checkpoint.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and json.loads(ckpt.read_text())["state"]["vectors_written"] > 0:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(ckpt.read_text())["state"]
+    assert state["vectors_written"] < sum(1 for _ in reference["milvus"])
+    resumed = run_cli(job)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(milvus_rows(tmp_path / "out.db", "t"), reference["milvus"])
+
+
+def test_changed_fingerprint_is_refused_until_restart(tmp_path: Path) -> None:
+    job = make_job(tmp_path, DOCS[:4], sink={"kind": "parquet", "path": "v", "uri": None})
+    runner = CliRunner()
+    assert runner.invoke(main, ["run", str(job), "--quiet"]).exit_code == 0
+    job2 = make_job(tmp_path, DOCS[:4], chunking={"max_tokens": 96},
+                    sink={"kind": "parquet", "path": "v", "uri": None})
+    refused = runner.invoke(main, ["run", str(job2), "--quiet"])
+    assert refused.exit_code == 3
+    assert "different job configuration" in refused.output and "--restart" in refused.output
+    assert "Traceback" not in refused.output
+    again = runner.invoke(main, ["run", str(job2), "--quiet", "--restart"])
+    assert again.exit_code == 0, again.output

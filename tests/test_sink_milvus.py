@@ -1,0 +1,244 @@
+"""The Milvus sink against a real Milvus Lite db (and, marked ``server``, a real server)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from milvus_server import (DIM, OK_LINE, make_batch, milvus_server_bin, run_scenario,
+                           wait_healthy)
+from pipeline.config import IndexConfig, SinkConfig
+from pipeline.errors import SinkError, TransientError
+from pipeline.sinks import make_sink
+from pipeline.sinks.fields import truncate_utf8
+from pipeline.sinks.milvus import MilvusSink
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "nested" / "vectors.db"  # the parent does not exist yet
+
+
+def open_sink(db: Path, **kwargs: object) -> MilvusSink:
+    sink = MilvusSink(db, "chunks", **kwargs)  # type: ignore[arg-type]
+    sink.on_write_start(DIM)
+    return sink
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+@pytest.fixture
+def lite_server(tmp_path: Path) -> Iterator[str]:
+    """``milvus-lite server`` on localhost: the way several processes share one Lite db."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "served.db"),
+         "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(proc, uri, timeout=30)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_lite_scenario(db: Path) -> None:
+    """Upsert twice without duplicates, exact pk set, text/metadata, search, delete, reopen."""
+    run_scenario(lambda: MilvusSink(db, "scenario"))
+
+
+def test_lite_server_scenario(lite_server: str) -> None:
+    run_scenario(lambda: MilvusSink(lite_server, "scenario"))
+
+
+def test_lite_behind_a_uri_gets_the_lite_index_check(lite_server: str) -> None:
+    sink = MilvusSink(lite_server, "chunks", index=IndexConfig(type="IVF_PQ"))
+    with pytest.raises(SinkError, match="'IVF_PQ' is not built by Milvus Lite"):
+        sink.on_write_start(DIM)
+    assert sink.is_lite
+    sink.close()
+    sink = MilvusSink(lite_server, "chunks")
+    sink.on_write_start(DIM)
+    sink.close()  # a reconnect still goes through the URI
+    assert sink.count() == 0 and sink.is_lite
+    sink.close()
+
+
+def test_factory_resolves_a_lite_path(tmp_path: Path) -> None:
+    config = SinkConfig(kind="milvus", uri="out/v.db", index=IndexConfig(type="HNSW"))
+    sink = make_sink(config, lambda p: tmp_path / p, "jobname")
+    assert isinstance(sink, MilvusSink)
+    assert (sink.uri, sink.collection, sink.is_lite) == (str(tmp_path / "out/v.db"), "jobname",
+                                                          True)
+    uri = "http://example:19530"
+    server = make_sink(SinkConfig(uri=uri, token="t"), lambda p: tmp_path / p, "c")
+    assert isinstance(server, MilvusSink) and not server.is_lite and server.uri == uri
+
+
+def test_dimension_mismatch_on_reopen(db: Path) -> None:
+    open_sink(db).close()
+    sink = MilvusSink(db, "chunks")
+    with pytest.raises(SinkError) as e:
+        sink.on_write_start(DIM * 2)
+    assert str(e.value) == (f"milvus {db} collection 'chunks': vector dimension {DIM} "
+                            f"!= job dimension {DIM * 2}")
+    sink.close()
+
+
+def test_other_fields_on_reopen(db: Path) -> None:
+    open_sink(db, store_text=True).close()
+    sink = MilvusSink(db, "chunks", store_text=False)
+    with pytest.raises(SinkError, match="unexpected text"):
+        sink.on_write_start(DIM)
+    sink.close()
+
+
+def test_other_metric_on_reopen(db: Path) -> None:
+    open_sink(db).close()
+    sink = MilvusSink(db, "chunks", index=IndexConfig(metric="L2"))
+    with pytest.raises(SinkError, match="index metric COSINE != job metric L2"):
+        sink.on_write_start(DIM)
+    sink.close()
+
+
+@pytest.mark.parametrize("kind", ["IVF_PQ", "DISKANN", "SCANN"])
+def test_index_lite_does_not_build(db: Path, kind: str) -> None:
+    with pytest.raises(SinkError, match=f"index type '{kind}' is not built by Milvus Lite") as e:
+        MilvusSink(db, "chunks", index=IndexConfig(type=kind))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["HNSW", "IVF_FLAT", "FLAT"])
+def test_index_lite_builds(db: Path, kind: str) -> None:
+    sink = open_sink(db, index=IndexConfig(type=kind, metric="IP"))
+    sink.write(make_batch("b0", 0, 12))
+    sink.on_write_complete()
+    batch = make_batch("b0", 0, 12)
+    assert sink.search(batch.vectors[7], limit=2)[0][0] == "pk7"
+    sink.close()
+
+
+def test_lite_path_must_end_in_db(tmp_path: Path) -> None:
+    with pytest.raises(SinkError, match="must end in .db"):
+        MilvusSink(tmp_path / "vectors", "chunks")
+
+
+@pytest.mark.parametrize(("text", "stored_bytes"), [
+    ("é" * 40_000, 65_534),             # 2-byte chars: 32,767 fit
+    ("a" + "😀" * 20_000, 65_533),      # 4-byte chars after 1 byte: 16,383 fit
+    ("short é", len("short é".encode())),
+])
+def test_text_truncated_at_a_char_boundary(db: Path, text: str, stored_bytes: int) -> None:
+    assert len(truncate_utf8(text).encode()) == stored_bytes
+    batch = make_batch("b0", 0, 1)
+    batch.texts = [text]
+    sink = open_sink(db)
+    sink.write(batch)
+    stored = next(sink.query('pk == "pk0"', fields=("text",)))["text"]
+    assert len(stored.encode()) == stored_bytes and text.startswith(stored)
+    sink.close()
+
+
+def test_metadata_round_trip(db: Path) -> None:
+    batch = make_batch("b0", 0, 2)
+    batch.metadata = [{"title": "Ünïcødé 中文", "n": 3, "x": 1.5, "list": [1, "a", None],
+                       "deep": {"a": {"b": [True, False]}}, "np": np.int64(7)}, {}]
+    sink = open_sink(db)
+    sink.write(batch)
+    rows = {r["pk"]: r["metadata"] for r in sink.query(fields=("pk", "metadata"))}
+    assert rows["pk0"] == {**batch.metadata[0], "np": 7}
+    assert rows["pk1"] == {}
+    sink.close()
+
+
+def test_bad_vectors_are_refused(db: Path) -> None:
+    sink = open_sink(db)
+    batch = make_batch("b0", 0, 3)
+    batch.vectors[1, 2] = np.nan
+    with pytest.raises(SinkError, match="batch b0: vectors contain NaN"):
+        sink.write(batch)
+    with pytest.raises(SinkError, match=r"shape \(3, 4\), expected \(3, 8\)"):
+        sink.write(make_batch("b1", 0, 3, dim=4))
+    assert sink.count() == 0
+    sink.close()
+
+
+def test_store_text_off(db: Path) -> None:
+    sink = open_sink(db, store_text=False)
+    batch = make_batch("b0", 0, 4)
+    batch.texts = None
+    assert sink.write(batch) == ["b0"]
+    assert set(next(sink.query(fields=("*",)))) == {
+        "pk", "doc_id", "chunk_index", "doc_hash", "metadata", "vector"}
+    sink.close()
+
+
+def test_db_in_use_by_another_process(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pymilvus import MilvusClient
+            client = MilvusClient({str(db)!r})
+            print("holding", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        sink = MilvusSink(db, "chunks")
+        with pytest.raises(SinkError, match="in use by another process") as e:
+            sink.on_write_start(DIM)
+        assert "\n" not in str(e.value) and "milvus-lite server" in str(e.value)
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_unreachable_server_is_transient() -> None:
+    sink = MilvusSink(f"http://127.0.0.1:{free_port()}", "chunks")
+    with pytest.raises(TransientError, match="connect"):
+        sink.on_write_start(DIM)
+
+
+def _unshare_works() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.server
+def test_server_scenario() -> None:
+    """The same scenario against a real Milvus 2.3 server in an isolated network namespace."""
+    if milvus_server_bin() is None:
+        pytest.skip("milvus-server is not installed (pip install milvus)")
+    if not _unshare_works():
+        pytest.skip("`unshare -n` is not permitted here (needs root or user namespaces)")
+    script = Path(__file__).with_name("milvus_server.py")
+    proc = subprocess.Popen(["unshare", "-n", sys.executable, str(script)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the script stops its server on SIGTERM
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"server scenario timed out:\n{out[-4000:]}")
+    assert proc.returncode == 0 and OK_LINE in out, out[-4000:]
