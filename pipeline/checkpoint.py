@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FingerprintMismatch, JobError
+from pipeline.faults import fault_point
 from pipeline.planning import window_of
 from pipeline.sinks.atomic import atomic_write_bytes
 
@@ -28,9 +29,11 @@ class Checkpoint:
     done_batches: dict[int, set[str]] = field(default_factory=dict)
     vectors_written: int = 0
     safe_token_budget: int | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+    is_new: bool = True
 
     @classmethod
-    def open(cls, directory: Path, fingerprint: str, job_name: str) -> "Checkpoint":
+    def open(cls, directory: Path, fingerprint: str) -> "Checkpoint":
         """Load the ledger of a previous run, or start an empty one.
 
         A ledger written by a job whose vectors would differ is refused: resuming would
@@ -52,6 +55,8 @@ class Checkpoint:
             done_batches={int(w): set(b) for w, b in state["done_batches"].items()},
             vectors_written=state["vectors_written"],
             safe_token_budget=state.get("safe_token_budget"),
+            run=state.get("run", {}),
+            is_new=False,
         )
 
     def is_done(self, batch_id: str) -> bool:
@@ -75,6 +80,7 @@ class Checkpoint:
         self.save()
 
     def save(self) -> None:
+        fault_point("during_checkpoint_write")
         body = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
@@ -82,6 +88,7 @@ class Checkpoint:
             "done_batches": {str(w): sorted(b) for w, b in sorted(self.done_batches.items())},
             "vectors_written": self.vectors_written,
             "safe_token_budget": self.safe_token_budget,
+            "run": self.run,
         }
         atomic_write_bytes(self.path, _seal(body))
 

@@ -1,8 +1,9 @@
 """The ``embed-job`` command line.
 
-Exit codes: 0 done, 1 internal error (a bug: traceback shown), 2 bad job/input/destination,
-3 checkpoint from a different job configuration, 4 another run holds the lock,
-130 interrupted (resumable).
+Exit codes: 0 done (documents embedded, synced), 1 internal error (a bug: traceback shown),
+2 bad job/input/destination, 3 unfinished run of a different job configuration,
+4 another run holds the lock, 5 nothing to do (incremental run, no document changed),
+130/143 stopped by SIGINT/SIGTERM after checkpointing (resumable).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.config import Job, load_job
 from pipeline.errors import JobError
 
 EXIT_INTERRUPTED = 130
+EXIT_NOTHING_TO_DO = 5
 
 
 def _fail(error: JobError) -> None:
@@ -34,29 +36,51 @@ def main() -> None:
 
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--restart", is_flag=True, help="Forget the checkpoint and plan; embed from scratch.")
+@click.option("--mode", type=click.Choice(["full", "incremental"]),
+              help="Override sync.mode: full re-embeds every document, incremental only changed ones.")
+@click.option("--restart", is_flag=True, help="Discard the unfinished run (plan and checkpoint).")
 @click.option("--limit", type=click.IntRange(min=1), help="Plan at most N documents (a trial run).")
+@click.option("--dry-run", is_flag=True, help="Print what would be added/updated/deleted; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (for cron).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write a JSON report of the run to this file.")
-def run(job_file: Path, restart: bool, limit: int | None, quiet: bool, report_path: Path | None
-        ) -> None:
+              help="Write a JSON report of the run to this file (also when it fails).")
+@click.option("--prom", "prom_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report's counters as a Prometheus textfile (*.prom).")
+def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_run: bool,
+        quiet: bool, report_path: Path | None, prom_path: Path | None) -> None:
     """Run (or resume) the job in JOB_FILE."""
+    from pipeline.report import RunReport
     from pipeline.runner import RunOptions, run_job
 
     try:
         job = load_job(job_file)
-        report = run_job(job, RunOptions(restart=restart, limit=limit, progress=not quiet))
+        if dry_run:
+            from pipeline.preview import preview
+
+            click.echo(preview(job, mode))
+            return
+    except JobError as e:
+        _fail(e)
+    report = RunReport(job=job.name)
+    try:
+        run_job(job, RunOptions(restart=restart, limit=limit, progress=not quiet, mode=mode),
+                report)
     except KeyboardInterrupt:
+        report.status = "interrupted"
         click.echo("interrupted: progress is checkpointed; run the same command to resume",
                    err=True)
         sys.exit(EXIT_INTERRUPTED)
     except JobError as e:
         _fail(e)
-    if report_path:
-        report.write_json(report_path)
+    finally:
+        if report_path:
+            report.write_json(report_path)
+        if prom_path:
+            report.write_prometheus(prom_path)
     if not quiet:
         click.echo(report.summary(), err=True)
+    if report.outcome == "nothing_to_do":
+        sys.exit(EXIT_NOTHING_TO_DO)
 
 
 @main.command()

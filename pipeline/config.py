@@ -139,6 +139,19 @@ class SinkConfig(_Strict):
         return self
 
 
+class SyncConfig(_Strict):
+    """How a run relates to what earlier runs published (nightly re-indexing)."""
+
+    mode: Literal["full", "incremental"] = Field(
+        "incremental", description="incremental: skip documents whose content hash is unchanged")
+    delete_missing: bool = Field(
+        False, description="remove documents absent from the source (opt-in: a partial source "
+        "must not wipe the index)")
+    keep_previous: int = Field(
+        1, ge=0, description="older generations (collections / Parquet versions) kept after a "
+        "model or settings change")
+
+
 class Job(_Strict):
     """One embedding job, as written in a job file."""
 
@@ -148,8 +161,12 @@ class Job(_Strict):
     model: ModelConfig
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     sink: SinkConfig
+    sync: SyncConfig = Field(default_factory=SyncConfig)
     checkpoint_dir: str | None = Field(None, description="default: .embed-job/<name> beside the job file")
     dead_letter_path: str | None = Field(None, description="default: <checkpoint_dir>/dead_letters.jsonl")
+    max_dead_letter_ratio: float | None = Field(
+        0.1, ge=0, le=1, description="stop when more than this share of documents is dead-lettered")
+    max_dead_letters: int | None = Field(None, ge=0, description="stop above this many dead letters")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

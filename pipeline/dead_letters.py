@@ -31,6 +31,17 @@ class DeadLetterFile:
         self.added = 0
 
     @staticmethod
+    def rotate(path: Path) -> None:
+        """A new run starts a new file; the last run's stays beside it as ``*.previous.jsonl``."""
+        if path.exists():
+            path.replace(path.with_suffix(".previous.jsonl"))
+
+    @property
+    def chunk_failures(self) -> int:
+        """Chunks planned but not stored: dead-lettered at embedding time (they name a chunk)."""
+        return sum(1 for key in self._seen if key[2] is not None)
+
+    @staticmethod
     def _key(d: DeadLetter) -> tuple:
         return (d.doc_id, d.source, d.chunk_index, d.reason)
 

@@ -1,36 +1,48 @@
 """Named fault points, so tests can kill or break a run at an exact place.
 
 ``EMBED_JOB_FAULT="after_sink_write@3:kill"`` SIGKILLs the process the 3rd time the run
-passes ``after_sink_write``; ``:raise`` raises RuntimeError, ``:oom`` raises MemoryError,
+passes ``after_sink_write``; ``point~0.2:oom`` fires at random with probability 0.2 (seeded by
+``EMBED_JOB_FAULT_SEED``); ``:raise`` raises RuntimeError, ``:oom`` raises MemoryError,
 ``:transient`` raises TransientError. Several specs may be given, comma-separated.
+``EMBED_JOB_MEMORY_LIMIT_TOKENS=N`` makes every embedding call of more than N padded tokens
+fail with MemoryError, like a device that is too small.
 Unset (the normal case) a fault point costs one dict lookup.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
 
 from pipeline.errors import TransientError
 
-POINTS = ("after_read", "after_chunk", "after_plan_window", "after_embed", "after_sink_write",
-          "after_ack", "during_checkpoint_write")
+POINTS = ("after_read", "after_chunk", "after_plan_window", "during_embed", "after_embed",
+          "before_sink_write", "after_sink_write", "after_ack", "during_checkpoint_write")
 
 _hits: Counter[str] = Counter()
 _lock = threading.Lock()
 
 
-def _specs() -> dict[str, tuple[int, str]]:
+_rng = random.Random(int(os.environ.get("EMBED_JOB_FAULT_SEED", "0")))
+
+
+def _specs() -> dict[str, tuple[str, float, str]]:
+    """point -> ('@', nth hit, action) or ('~', probability, action)."""
     raw = os.environ.get("EMBED_JOB_FAULT", "")
     out = {}
     for spec in filter(None, (s.strip() for s in raw.split(","))):
-        point_n, _, action = spec.partition(":")
-        point, _, n = point_n.partition("@")
+        where, _, action = spec.partition(":")
+        mode = "~" if "~" in where else "@"
+        point, _, n = where.partition(mode)
         if point not in POINTS:
             raise ValueError(f"EMBED_JOB_FAULT: unknown fault point {point!r}; one of {POINTS}")
-        out[point] = (int(n or 1), action or "kill")
+        out[point] = (mode, float(n or 1), action or "kill")
     return out
 
 
@@ -40,12 +52,12 @@ def fault_point(name: str) -> None:
     spec = _specs().get(name)
     if spec is None:
         return
+    mode, n, action = spec
     with _lock:
         _hits[name] += 1
-        hit = _hits[name] == spec[0]
+        hit = _rng.random() < n if mode == "~" else _hits[name] == int(n)
     if not hit:
         return
-    action = spec[1]
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "oom":
@@ -53,3 +65,44 @@ def fault_point(name: str) -> None:
     if action == "transient":
         raise TransientError(f"injected transient failure at {name}")
     raise RuntimeError(f"injected fault at {name}")
+
+
+def memory_limit() -> int | None:
+    raw = os.environ.get("EMBED_JOB_MEMORY_LIMIT_TOKENS")
+    return int(raw) if raw else None
+
+
+def wrap_embedder(embedder):  # type: ignore[no-untyped-def]
+    """The embedder itself, or a proxy that fails like a small device when faults are set."""
+    if "EMBED_JOB_FAULT" not in os.environ and memory_limit() is None:
+        return embedder
+    return _FaultyEmbedder(embedder)
+
+
+class _FaultyEmbedder:
+    """Same interface; embeds batch by batch so a failure is the oldest batch's, as with a
+    real backend."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self._inner = inner
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._inner, name)
+
+    def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        limit = memory_limit()
+        padded = len(batch) * max((len(s) for s in batch), default=0)
+        if limit is not None and padded > limit:
+            raise MemoryError(f"injected out-of-memory: {padded} padded tokens > {limit}")
+        fault_point("during_embed")
+        return self._inner.embed_batch(batch)
+
+    def embed_stream(self, batches):  # type: ignore[no-untyped-def]
+        for key, batch in batches:
+            yield key, self.embed_batch(batch)
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.close()

@@ -20,7 +20,8 @@ from pipeline.chunking import Chunker
 from pipeline.config import BatchingConfig
 from pipeline.faults import fault_point
 from pipeline.keys import chunk_pk
-from pipeline.planning import PlanStore, WindowBuilder, WindowStats, PlanRow
+from pipeline.planning import (DUPLICATE, SKIPPED_UNCHANGED, PlanRow, PlanStore, WindowBuilder,
+                               WindowStats)
 from pipeline.records import DeadLetter, Document
 
 
@@ -66,13 +67,18 @@ class PlanProgress:
 def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
                batching: BatchingConfig, fingerprint: str, store_text: bool,
                dead_letter: Callable[[DeadLetter], None], on_window: Callable[[WindowStats], None],
-               limit: int | None = None, stop: threading.Event | None = None) -> PlanProgress:
-    """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted."""
+               limit: int | None = None, stop: threading.Event | None = None,
+               published: Callable[[str], tuple[str, int] | None] | None = None) -> PlanProgress:
+    """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted.
+
+    With ``published`` (doc id -> stored (hash, chunk count)), a document whose content hash
+    is unchanged is recorded as skipped without being tokenized.
+    """
     done = store.all_stats()
     doc_offset = done[-1].doc_end if done else 0
     seen = SeenIds()
     for s in done:
-        seen.add_ids(iter(store.doc_ids(s.window)))
+        seen.add_ids(d for d, _, _ in store.doc_records(s.window))
     if limit is not None and doc_offset >= limit:
         return PlanProgress(docs_read=doc_offset, complete=False)
     remaining = None if limit is None else limit - doc_offset
@@ -81,7 +87,7 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
     def flush() -> None:
         nonlocal window
         table, stats = window.build(batching.token_budget, batching.max_batch_size)
-        store.write_window(table, stats)
+        store.write_window(table, stats, window.doc_records)
         seen.seal_window()
         fault_point("after_plan_window")
         on_window(stats)
@@ -97,9 +103,10 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
         if remaining is not None:
             remaining -= 1
         fault_point("after_read")
-        window.add(_rows_for(doc, chunker, seen, fingerprint, store_text, dead_letter))
+        window.add(*_plan_doc(doc, chunker, seen, fingerprint, store_text, dead_letter, published))
         fault_point("after_chunk")
-        if len(window.rows) >= batching.sort_window:
+        # documents skipped as unchanged cost no rows, so bound the window by documents too
+        if len(window.rows) >= batching.sort_window or window.docs >= 4 * batching.sort_window:
             flush()
     if window.docs:
         flush()
@@ -108,26 +115,35 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
     return PlanProgress(docs_read=window.doc_start, complete=exhausted)
 
 
-def _rows_for(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
-              store_text: bool, dead_letter: Callable[[DeadLetter], None]) -> list[PlanRow]:
-    """A document's plan rows; a duplicate or unchunkable document goes to the dead letters.
+def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
+              store_text: bool, dead_letter: Callable[[DeadLetter], None],
+              published: Callable[[str], tuple[str, int] | None] | None
+              ) -> tuple[list[PlanRow], tuple[str, str, int]]:
+    """A document's plan rows and its record; duplicates and unchunkable ones go to the dead
+    letters.
 
     Every document counts towards the window's document range, embedded or not, so that
     resume offsets stay in step with the reader.
     """
+    doc_hash = doc.content_hash
     first = seen.first_seen(doc)
     if first is not None:
+        # the first occurrence owns the id: this one leaves no record that could override it
         dead_letter(DeadLetter(doc.doc_id, doc.source, f"duplicate id, first seen at {first}"))
-        return []
+        return [], (doc.doc_id, doc_hash, DUPLICATE)
+    if published is not None:
+        stored = published(doc.doc_id)
+        if stored is not None and stored[0] == doc_hash and stored[1] > 0:
+            return [], (doc.doc_id, doc_hash, SKIPPED_UNCHANGED)
     chunks = chunker.chunk(doc)
     if isinstance(chunks, DeadLetter):
         dead_letter(chunks)
-        return []
-    doc_hash = doc.content_hash
+        return [], (doc.doc_id, doc_hash, 0)
     metadata = json.dumps(doc.metadata, ensure_ascii=False, default=str)
-    return [PlanRow(pk=chunk_pk(fingerprint, doc.doc_id, c.chunk_index), doc_id=doc.doc_id,
-                 chunk_index=c.chunk_index, start=c.start, end=c.end,
-                 token_ids=np.asarray(c.token_ids, dtype=np.int32), doc_hash=doc_hash,
-                 text=doc.text[c.start:c.end] if store_text else None, metadata=metadata,
-                 source=doc.source)
+    rows = [PlanRow(pk=chunk_pk(fingerprint, doc.doc_id, c.chunk_index), doc_id=doc.doc_id,
+                    chunk_index=c.chunk_index, start=c.start, end=c.end,
+                    token_ids=np.asarray(c.token_ids, dtype=np.int32), doc_hash=doc_hash,
+                    text=doc.text[c.start:c.end] if store_text else None, metadata=metadata,
+                    source=doc.source)
             for c in chunks]
+    return rows, (doc.doc_id, doc_hash, len(rows))

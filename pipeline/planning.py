@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.sinks.atomic import atomic_path
@@ -35,6 +36,9 @@ PLAN_SCHEMA = pa.schema([
     ("metadata", pa.string()),
     ("source", pa.string()),
 ])
+# chunk counts in a window's document records that are not counts
+SKIPPED_UNCHANGED = -1
+DUPLICATE = -2
 _WINDOW_RE = re.compile(r"^window-(\d{5})\.parquet$")
 COMPLETE_MARKER = "_COMPLETE"
 
@@ -98,11 +102,11 @@ class PlannedBatch:
 
     @property
     def n_tokens(self) -> int:
-        return int(pa.compute.sum(self.table.column("n_tokens")).as_py())
+        return int(pc.sum(self.table.column("n_tokens")).as_py())
 
     @property
     def padded_tokens(self) -> int:
-        return self.table.num_rows * int(pa.compute.max(self.table.column("n_tokens")).as_py())
+        return self.table.num_rows * int(pc.max(self.table.column("n_tokens")).as_py())
 
 
 @dataclass
@@ -126,11 +130,16 @@ class WindowBuilder:
     window: int
     doc_start: int
     rows: list[PlanRow] = field(default_factory=list)
-    docs: int = 0
+    doc_records: list[tuple[str, str, int]] = field(default_factory=list)
 
-    def add(self, rows: list[PlanRow]) -> None:
+    @property
+    def docs(self) -> int:
+        return len(self.doc_records)
+
+    def add(self, rows: list[PlanRow], record: tuple[str, str, int]) -> None:
+        """A document's rows and its (id, hash, chunk count) record; -1 chunks = unchanged."""
         self.rows.extend(rows)
-        self.docs += 1
+        self.doc_records.append(record)
 
     def build(self, token_budget: int, max_batch_size: int) -> tuple[pa.Table, WindowStats]:
         lengths = np.fromiter((len(r.token_ids) for r in self.rows), dtype=np.int64,
@@ -194,8 +203,18 @@ class PlanStore:
     def complete(self) -> bool:
         return (self.dir / COMPLETE_MARKER).exists()
 
-    def write_window(self, table: pa.Table, stats: WindowStats) -> None:
+    def docs_path(self, window: int) -> Path:
+        return self.dir / f"docs-{window:05d}.parquet"
+
+    def write_window(self, table: pa.Table, stats: WindowStats,
+                     doc_records: list[tuple[str, str, int]]) -> None:
+        """The document records first, then the window file, whose presence commits both."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        ids, hashes, counts = zip(*doc_records) if doc_records else ((), (), ())
+        docs = pa.table({"doc_id": pa.array(ids, pa.string()), "hash": pa.array(hashes, pa.string()),
+                         "n_chunks": pa.array(counts, pa.int32())})
+        with atomic_path(self.docs_path(stats.window)) as tmp:
+            pq.write_table(docs, tmp)
         table = table.replace_schema_metadata(stats.to_meta())
         with atomic_path(self.window_path(stats.window)) as tmp:
             # one row group per ~batch run keeps reads of a single batch cheap
@@ -206,9 +225,14 @@ class PlanStore:
         with atomic_path(self.dir / COMPLETE_MARKER) as tmp:
             Path(tmp).write_text(json.dumps(info))
 
-    def doc_ids(self, window: int) -> list[str]:
-        return pq.read_table(self.window_path(window), columns=["doc_id"]).column(
-            "doc_id").to_pylist()
+    def doc_records(self, window: int) -> Iterator[tuple[str, str, int]]:
+        """Every document the window's source range held: (id, hash, chunk count)."""
+        t = pq.read_table(self.docs_path(window))
+        yield from zip(t["doc_id"].to_pylist(), t["hash"].to_pylist(), t["n_chunks"].to_pylist())
+
+    def all_doc_records(self) -> Iterator[tuple[str, str, int]]:
+        for w in self.windows():
+            yield from self.doc_records(w)
 
     def batches(self, window: int) -> Iterator[PlannedBatch]:
         """The window's batches in plan order, one Arrow slice each."""

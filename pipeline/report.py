@@ -13,8 +13,16 @@ from pipeline.sinks.atomic import atomic_write_bytes
 class RunReport:
     job: str
     status: str = "running"  # completed | partial (--limit) | interrupted | failed
+    outcome: str = ""  # synced | nothing_to_do (once completed)
+    mode: str = ""
     fingerprint: str = ""
+    target: str = ""
     sink: str = ""
+    docs_added: int = 0
+    docs_updated: int = 0
+    docs_unchanged: int = 0
+    docs_deleted: int = 0
+    vectors_in_target: int = 0
     # the plan as a whole (all windows planned so far, this run and earlier ones)
     docs: int = 0
     chunks: int = 0
@@ -49,18 +57,40 @@ class RunReport:
     def write_json(self, path: Path) -> None:
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode())
 
+    def write_prometheus(self, path: Path) -> None:
+        """Counters in the node-exporter textfile format, replaced atomically."""
+        label = f'job="{self.job}"'
+        lines = []
+        for name, value, help_ in [
+            ("docs_added", self.docs_added, "documents embedded for the first time"),
+            ("docs_updated", self.docs_updated, "changed documents re-embedded"),
+            ("docs_unchanged", self.docs_unchanged, "documents skipped as unchanged"),
+            ("docs_deleted", self.docs_deleted, "documents removed from the index"),
+            ("chunks_embedded", self.chunks_embedded, "chunks embedded by this run"),
+            ("tokens_embedded", self.tokens_embedded, "tokens embedded by this run"),
+            ("vectors_written", self.vectors_written, "vectors acknowledged by the sink"),
+            ("dead_letters", self.dead_letters, "rows and chunks in the dead-letter file"),
+            ("wall_seconds", round(self.wall_s, 3), "run time"),
+            ("success", int(self.status == "completed"), "1 if the run completed"),
+        ]:
+            lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge",
+                      f"embed_job_{name}{{{label}}} {value}"]
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
     def summary(self) -> str:
         rate = f"{self.tokens_per_s:,.0f}"
         lines = [
-            f"embed-job {self.job}: {self.status}",
+            f"embed-job {self.job}: {self.status}" + (f" ({self.outcome})" if self.outcome else ""),
+            f"  sync          {self.mode}: {self.docs_added:,} added, {self.docs_updated:,} updated, "
+            f"{self.docs_unchanged:,} unchanged, {self.docs_deleted:,} deleted",
             f"  documents     {self.docs:,}" + ("" if self.plan_complete else " (plan incomplete)"),
             f"  chunks        {self.chunks:,} in {self.batches:,} batches "
             f"(padding waste {self.padding_waste:.1%})",
             f"  tokens        {self.tokens:,}",
             f"  this run      {self.chunks_embedded:,} chunks, {self.tokens_embedded:,} tokens "
             f"embedded; {self.batches_skipped:,} batches already done",
-            f"  vectors       {self.vectors_written:,} written this run, {self.vectors_total:,} in all"
-            f" -> {self.sink}",
+            f"  vectors       {self.vectors_written:,} written this run; "
+            f"{self.vectors_in_target:,} in {self.sink}",
             f"  dead letters  {self.dead_letters:,} ({self.dead_letters_added:,} new)"
             + (f" -> {self.dead_letter_file}" if self.dead_letters else ""),
             f"  time          {self.wall_s:,.1f} s wall, model load {self.model_load_s:,.1f} s, "

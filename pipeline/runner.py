@@ -1,4 +1,10 @@
-"""Wires the stages of a run: planner thread -> embedder (this thread) -> writer thread."""
+"""Wires the stages of a run: planner thread -> embedder (this thread) -> writer thread,
+then publishes the generation.
+
+Layout of ``checkpoint_dir``: ``lock``; ``sync.sqlite`` (what the published generation holds,
+per document); ``run/`` (the unfinished run: ``checkpoint.json`` and ``plan/``), removed once
+the run is published; ``dead_letters.jsonl``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +26,21 @@ from pipeline.config import Job
 from pipeline.dead_letters import DeadLetterFile
 from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
-from pipeline.faults import fault_point
+from pipeline.errors import JobError
+from pipeline.execution import ResilientEmbedding, SafeBudget
+from pipeline.faults import fault_point, wrap_embedder
 from pipeline.lock import JobLock
 from pipeline.models import ModelInfo, read_model_info, resolve_model_dir
 from pipeline.planner import build_plan
 from pipeline.planning import PlannedBatch, PlanStore, WindowStats
+from pipeline.publish import publish_run
 from pipeline.readers import read_documents
 from pipeline.records import DeadLetter
 from pipeline.report import RunReport
-from pipeline.sinks import make_sink
-from pipeline.sinks.base import VectorBatch
+from pipeline.signals import Interrupted, graceful_stop
+from pipeline.sinks import make_sink, target_name
+from pipeline.sinks.base import Sink, VectorBatch
+from pipeline.sync_state import SyncState
 from pipeline.writer import WindowEnd, Writer
 
 
@@ -38,6 +49,7 @@ class RunOptions:
     restart: bool = False
     limit: int | None = None
     progress: bool = True
+    mode: str | None = None  # overrides job.sync.mode
 
 
 @dataclass
@@ -62,8 +74,20 @@ class JobContext:
         return self.job.model.dimension or self.info.hidden_size
 
     @property
+    def max_context(self) -> int:
+        """The longest sequence the backend takes (SGLang refuses one of exactly its context)."""
+        model = self.job.model
+        if model.backend == "sglang":
+            return (model.sglang.context_length or self.info.max_context) - 1
+        return self.info.max_context
+
+    @property
+    def run_dir(self) -> Path:
+        return self.job.checkpoint_path / "run"
+
+    @property
     def plan_store(self) -> PlanStore:
-        return PlanStore(self.job.checkpoint_path / "plan")
+        return PlanStore(self.run_dir / "plan")
 
 
 class _Planner:
@@ -71,12 +95,12 @@ class _Planner:
 
     _DONE = object()
 
-    def __init__(self, ctx: JobContext, dead: DeadLetterFile, limit: int | None) -> None:
-        self.ctx, self.dead, self.limit = ctx, dead, limit
+    def __init__(self, ctx: JobContext, dead: DeadLetterFile, limit: int | None,
+                 sync: SyncState | None) -> None:
+        self.ctx, self.dead, self.limit, self.sync = ctx, dead, limit, sync
         self.windows: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.complete = False
         self._thread = threading.Thread(target=self._run, name="embed-job-planner", daemon=True)
 
     def start(self) -> "_Planner":
@@ -86,12 +110,11 @@ class _Planner:
     def _run(self) -> None:
         job = self.ctx.job
         try:
-            docs = read_documents(job.source, lambda p: job.resolve(p), self.dead)
-            chunker = Chunker(self.ctx.tokenizer, job.chunking, self.ctx.info.max_context)
-            progress = build_plan(docs, chunker, self.ctx.plan_store, job.batching,
-                                  self.ctx.fingerprint, job.sink.store_text, self.dead,
-                                  self.windows.put, self.limit, self.stop)
-            self.complete = progress.complete
+            docs = read_documents(job.source, job.resolve, self.dead)
+            chunker = Chunker(self.ctx.tokenizer, job.chunking, self.ctx.max_context)
+            build_plan(docs, chunker, self.ctx.plan_store, job.batching, self.ctx.fingerprint,
+                       job.sink.store_text, self.dead, self.windows.put, self.limit, self.stop,
+                       published=self.sync.lookup if self.sync is not None else None)
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             self.error = e
         finally:
@@ -105,74 +128,120 @@ class _Planner:
             raise self.error
 
 
-def _reset(ctx: JobContext) -> None:
-    """--restart: forget the plan and the ledger (the dead letters of the old run too)."""
-    ckpt = ctx.job.checkpoint_path
-    shutil.rmtree(ckpt / "plan", ignore_errors=True)
-    for name in ("checkpoint.json",):
-        (ckpt / name).unlink(missing_ok=True)
-    ctx.job.dead_letter_file.unlink(missing_ok=True)
+def _start_run(ctx: JobContext, sync: SyncState, checkpoint: Checkpoint, mode: str) -> None:
+    """Decide, once per run, where it writes and what it builds on; saved in the checkpoint
+    so a resumed run keeps the same decision."""
+    published = sync.published()
+    same = published is not None and published.fingerprint == ctx.fingerprint
+    generation = published.generation + 1 if published else 1
+    checkpoint.run = {
+        "generation": generation,
+        "target": target_name(ctx.job.sink, ctx.job.collection_name, ctx.fingerprint, generation),
+        "base": published.target if same else None,
+        "skip_unchanged": same and mode == "incremental",
+        "mode": mode,
+    }
+    checkpoint.save()
 
 
-def run_job(job: Job, options: RunOptions) -> RunReport:
-    """Plan (resuming the plan on disk), embed what the ledger lacks, write, report."""
+def run_job(job: Job, options: RunOptions, report: RunReport | None = None) -> RunReport:
+    """Plan (resuming the plan on disk), embed what the ledger lacks, write, publish.
+
+    ``report`` is filled in as the run goes, so a caller holds it even when the run fails.
+    """
     t0 = time.monotonic()
+    report = report if report is not None else RunReport(job=job.name)
+    report.dead_letter_file = str(job.dead_letter_file)
     ctx = JobContext.load(job)
-    report = RunReport(job=job.name, fingerprint=ctx.fingerprint,
-                       sink=job.sink.uri or job.sink.path or "", dead_letter_file=str(job.dead_letter_file))
-    with JobLock(job.checkpoint_path):
+    report.fingerprint = ctx.fingerprint
+    with JobLock(job.checkpoint_path), graceful_stop() as stop:
         if options.restart:
-            _reset(ctx)
-        checkpoint = Checkpoint.open(job.checkpoint_path, ctx.fingerprint, job.name)
-        dead = DeadLetterFile(job.dead_letter_file)
-        store = ctx.plan_store
-        known = store.all_stats()
-        for s in known:
-            _add_window(report, s)
-        planner = None
-        if not store.complete:
-            planner = _Planner(ctx, dead, options.limit).start()
-        report.plan_complete = store.complete
-        bar = tqdm(total=report.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
-                   disable=not options.progress, desc=f"embed {job.name}", smoothing=0.1)
-        sink = make_sink(job.sink, job.resolve, job.collection_name)
+            shutil.rmtree(ctx.run_dir, ignore_errors=True)
+        sync = SyncState(job.checkpoint_path / "sync.sqlite")
         try:
-            sink.on_write_start(ctx.dimension)
-            t_model = time.monotonic()
-            embedder = make_embedder(job.model, ctx.info, ctx.tokenizer.pad_id)
-            report.model_load_s = time.monotonic() - t_model
-            t_exec = time.monotonic()
-
-            def on_ack(batch: VectorBatch) -> None:
-                report.vectors_written += len(batch)
-
-            writer = Writer(sink, checkpoint, on_ack).start()
-            try:
-                with embedder:
-                    windows = _all_windows(known, planner, report, bar)
-                    _execute(ctx, windows, checkpoint, embedder, writer, dead, report, bar)
-                    writer.finish()
-            except BaseException:
-                if planner is not None:
-                    planner.stop.set()
-                raise
-            report.tokens_per_s = report.tokens_embedded / max(time.monotonic() - t_exec, 1e-9)
-            report.plan_complete = store.complete
-            report.status = "completed" if store.complete else "partial"
-        except KeyboardInterrupt:
-            report.status = "interrupted"
-            raise
-        except BaseException as e:
-            report.status = "failed"
-            report.error = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise
+            checkpoint = Checkpoint.open(ctx.run_dir, ctx.fingerprint)
+            fresh = checkpoint.is_new
+            if fresh:
+                _start_run(ctx, sync, checkpoint, options.mode or job.sync.mode)
+                DeadLetterFile.rotate(job.dead_letter_file)
+            run = checkpoint.run
+            report.mode, report.target = run["mode"], run["target"]
+            report.sink = _describe_sink(job, run["target"])
+            sink = make_sink(job.sink, job.resolve, job.collection_name, run["target"],
+                             run["base"], {"fingerprint": ctx.fingerprint, "model": job.model.path})
+            if fresh and run["base"] != run["target"]:
+                sink.discard_target()
+            _run_phases(ctx, options, checkpoint, sync, sink, stop, report)
         finally:
-            bar.close()
-            sink.close()
-            report.vectors_total = checkpoint.vectors_written
-            report.dead_letters, report.dead_letters_added = dead.count, dead.added
+            sync.close()
             report.wall_s = time.monotonic() - t0
     return report
+
+
+def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sync: SyncState,
+                sink: Sink, stop: threading.Event, report: RunReport) -> None:
+    job = ctx.job
+    dead = DeadLetterFile(job.dead_letter_file)
+    store = ctx.plan_store
+    known = store.all_stats()
+    for s in known:
+        _add_window(report, s)
+    planner = None
+    if not store.complete:
+        planner = _Planner(ctx, dead, options.limit,
+                           sync if checkpoint.run["skip_unchanged"] else None).start()
+    bar = tqdm(total=report.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+               disable=not options.progress, desc=f"embed {job.name}", smoothing=0.1)
+    try:
+        sink.on_write_start(ctx.dimension)
+        t_model = time.monotonic()
+        embedder = wrap_embedder(make_embedder(job.model, ctx.info, ctx.tokenizer.pad_id))
+        report.model_load_s = time.monotonic() - t_model
+        t_exec = time.monotonic()
+        writer = Writer(sink, checkpoint, lambda b: _count_ack(report, b)).start()
+        try:
+            with embedder:
+                windows = _all_windows(known, planner, report, bar)
+                executor = _Executor(ctx, checkpoint, embedder, writer, dead, report, bar, stop)
+                executor.run(windows)
+            writer.finish()
+        except BaseException:
+            if planner is not None:
+                planner.stop.set()
+            raise
+        report.tokens_per_s = report.tokens_embedded / max(time.monotonic() - t_exec, 1e-9)
+        if stop.is_set():
+            raise Interrupted(getattr(stop, "signum", 2))
+        report.plan_complete = store.complete
+        if store.complete:
+            publish_run(ctx, checkpoint, sync, sink, report, dead.chunk_failures)
+            report.status = "completed"
+        else:
+            report.status = "partial"
+    except Interrupted:
+        report.status = "interrupted"
+        raise
+    except BaseException as e:
+        report.status = "failed"
+        report.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise
+    finally:
+        bar.close()
+        sink.close()
+        report.vectors_total = checkpoint.vectors_written
+        report.dead_letters, report.dead_letters_added = dead.count, dead.added
+
+
+def _describe_sink(job: Job, target: str) -> str:
+    if job.sink.kind == "parquet":
+        return f"{job.resolve(job.sink.path or '')}/{target}"
+    uri = job.sink.uri or ""
+    where = uri if "://" in uri else str(job.resolve(uri))
+    return f"{where} collection {target} (alias {job.collection_name})"
+
+
+def _count_ack(report: RunReport, batch: VectorBatch) -> None:
+    report.vectors_written += len(batch)
 
 
 def _add_window(report: RunReport, s: WindowStats) -> None:
@@ -197,57 +266,93 @@ def _all_windows(known: list[WindowStats], planner: _Planner | None, report: Run
         yield s.window
 
 
-def _execute(ctx: JobContext, windows: Iterator[int], checkpoint: Checkpoint, embedder,
-             writer: Writer, dead: DeadLetterFile, report: RunReport, bar: tqdm) -> None:
-    store = ctx.plan_store
+@dataclass
+class _Executor:
+    ctx: JobContext
+    checkpoint: Checkpoint
+    embedder: object
+    writer: Writer
+    dead: DeadLetterFile
+    report: RunReport
+    bar: tqdm
+    stop: threading.Event
+    _unfit: dict[tuple[str, int], str] = field(default_factory=dict)
 
-    def todo(window: int) -> Iterator[tuple[PlannedBatch, list[list[int]]]]:
-        for b in store.batches(window):
-            if checkpoint.is_done(b.batch_id):
-                report.batches_skipped += 1
-                bar.update(b.n_tokens)
+    def run(self, windows: Iterator[int]) -> None:
+        plan_budget = self.ctx.job.batching.token_budget
+        budget = SafeBudget(self.checkpoint.safe_token_budget, ceiling=plan_budget)
+        engine = ResilientEmbedding(self.embedder, budget, self._unfit_chunk,  # type: ignore[arg-type]
+                                    self._save_budget)
+        store = self.ctx.plan_store
+        for window in windows:
+            if self.stop.is_set():
+                return
+            if self.checkpoint.window_done(window):
+                stats = store.stats(window)
+                self.report.batches_skipped += stats.batches
+                self.bar.update(stats.tokens)
                 continue
-            yield b, b.token_ids
+            for batch, vectors in engine.run(self._todo(window)):
+                fault_point("after_embed")
+                self.writer.put(self._to_vector_batch(batch, vectors))
+                self.report.batches_embedded += 1
+                self.report.chunks_embedded += batch.table.num_rows
+                self.report.tokens_embedded += batch.n_tokens
+                self.bar.update(batch.n_tokens)
+            if self.stop.is_set():
+                return
+            self.writer.put(WindowEnd(window))
+            self._check_dead_letters()
 
-    for window in windows:
-        if checkpoint.window_done(window):
-            stats = store.stats(window)
-            report.batches_skipped += stats.batches
-            bar.update(stats.tokens)
-            continue
-        for batch, vectors in embedder.embed_stream(todo(window)):
-            fault_point("after_embed")
-            writer.put(_to_vector_batch(ctx, batch, vectors, dead))
-            report.batches_embedded += 1
-            report.chunks_embedded += batch.table.num_rows
-            report.tokens_embedded += batch.n_tokens
-            bar.update(batch.n_tokens)
-        writer.put(WindowEnd(window))
+    def _todo(self, window: int) -> Iterator[PlannedBatch]:
+        for b in self.ctx.plan_store.batches(window):
+            if self.stop.is_set():
+                return
+            if self.checkpoint.is_done(b.batch_id):
+                self.report.batches_skipped += 1
+                self.bar.update(b.n_tokens)
+                continue
+            yield b
 
+    def _save_budget(self, limit: int | None) -> None:
+        # the writer thread also saves the checkpoint; its saves carry this value too
+        self.checkpoint.safe_token_budget = limit
+        self.report.extra["safe_token_budget"] = limit
 
-def _to_vector_batch(ctx: JobContext, batch: PlannedBatch, raw: np.ndarray,
-                     dead: DeadLetterFile) -> VectorBatch:
-    """Matryoshka cut + re-normalize; rows with non-finite values become dead letters."""
-    vectors = truncate_and_normalize(raw, ctx.job.model.dimension, ctx.job.model.normalize)
-    t = batch.table
-    ok = np.isfinite(vectors).all(axis=1)
-    if not ok.all():
-        for i in np.flatnonzero(~ok).tolist():
-            dead(DeadLetter(t["doc_id"][i].as_py(), t["source"][i].as_py(),
-                            "embedding has non-finite values", t["chunk_index"][i].as_py()))
-        t = t.filter(ok)
-        vectors = vectors[ok]
-    return VectorBatch(
-        batch_id=batch.batch_id,
-        pks=t["pk"].to_pylist(),
-        doc_ids=t["doc_id"].to_pylist(),
-        chunk_indexes=t["chunk_index"].to_pylist(),
-        doc_hashes=t["doc_hash"].to_pylist(),
-        vectors=vectors,
-        texts=t["text"].to_pylist() if ctx.job.sink.store_text else None,
-        metadata=[_json(m) for m in t["metadata"].to_pylist()],
-    )
+    def _unfit_chunk(self, batch: PlannedBatch, row: int, error: BaseException) -> None:
+        self._unfit[(batch.batch_id, row)] = f"out of memory even alone ({error})"
 
+    def _check_dead_letters(self) -> None:
+        job, docs = self.ctx.job, max(self.report.docs, 1)
+        count = self.dead.count
+        if job.max_dead_letters is not None and count > job.max_dead_letters:
+            raise JobError(f"{count} dead letters > max_dead_letters {job.max_dead_letters}; "
+                           f"see {self.dead.path}")
+        ratio = job.max_dead_letter_ratio
+        if ratio is not None and docs >= 20 and count / docs > ratio:
+            raise JobError(f"{count} dead letters for {docs} documents ({count / docs:.0%}) > "
+                           f"max_dead_letter_ratio {ratio:.0%}; see {self.dead.path}")
 
-def _json(text: str) -> dict:
-    return json.loads(text) if text else {}
+    def _to_vector_batch(self, batch: PlannedBatch, raw: np.ndarray) -> VectorBatch:
+        """Matryoshka cut + re-normalize; rows without a finite vector become dead letters."""
+        model = self.ctx.job.model
+        vectors = truncate_and_normalize(raw, model.dimension, model.normalize)
+        t = batch.table
+        ok = np.isfinite(vectors).all(axis=1)
+        if not ok.all():
+            for i in np.flatnonzero(~ok).tolist():
+                reason = self._unfit.pop((batch.batch_id, i), "embedding has non-finite values")
+                self.dead(DeadLetter(t["doc_id"][i].as_py(), t["source"][i].as_py(), reason,
+                                     t["chunk_index"][i].as_py()))
+            t = t.filter(ok)
+            vectors = vectors[ok]
+        return VectorBatch(
+            batch_id=batch.batch_id,
+            pks=t["pk"].to_pylist(),
+            doc_ids=t["doc_id"].to_pylist(),
+            chunk_indexes=t["chunk_index"].to_pylist(),
+            doc_hashes=t["doc_hash"].to_pylist(),
+            vectors=vectors,
+            texts=t["text"].to_pylist() if self.ctx.job.sink.store_text else None,
+            metadata=[json.loads(m) if m else {} for m in t["metadata"].to_pylist()],
+        )

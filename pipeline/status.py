@@ -1,49 +1,73 @@
-"""A job's progress, read from its plan and checkpoint without taking the run lock."""
+"""A job's progress, read from its published state and unfinished run without the lock."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint import read_state
 from pipeline.config import Job
 from pipeline.planning import PlanStore
+from pipeline.sync_state import SyncState
 
 
 def job_status(job: Job) -> dict[str, Any]:
     ckpt = job.checkpoint_path
-    store = PlanStore(ckpt / "plan")
+    out: dict[str, Any] = {"job": job.name, "checkpoint": str(ckpt)}
+    out.update(_published(ckpt / "sync.sqlite"))
+    run = _run(ckpt / "run")
+    out.update(run)
+    if run:
+        out["state"] = "in progress"
+    elif out.get("published_target"):
+        out["state"] = "published"
+    else:
+        out["state"] = "not started"
+    out["dead_letters"] = _count_lines(job.dead_letter_file)
+    return out
+
+
+def _published(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    sync = SyncState(path)
+    try:
+        p = sync.published()
+        if p is None:
+            return {}
+        return {"published_target": p.target, "published_generation": p.generation,
+                "published_fingerprint": p.fingerprint, "published_documents": sync.doc_count(),
+                "kept_generations": p.previous}
+    finally:
+        sync.close()
+
+
+def _run(run_dir: Path) -> dict[str, Any]:
+    state = read_state(run_dir)
+    store = PlanStore(run_dir / "plan")
     stats = store.all_stats()
-    state = read_state(ckpt)
+    if state is None and not stats:
+        return {}
     done_windows = set(state["done_windows"]) if state else set()
     partial = state["done_batches"] if state else {}
     batches = sum(s.batches for s in stats)
     done = sum(s.batches for s in stats if s.window in done_windows) + sum(
         len(v) for v in partial.values())
-    tokens_done = sum(s.tokens for s in stats if s.window in done_windows)
-    total_tokens = sum(s.tokens for s in stats)
-    if not stats and state is None:
-        phase = "not started"
-    elif store.complete and batches and done == batches:
-        phase = "complete"
-    else:
-        phase = "in progress" if store.complete else "planning/partial"
     return {
-        "job": job.name,
-        "state": phase,
-        "checkpoint": str(ckpt),
+        "run_target": (state or {}).get("run", {}).get("target"),
+        "run_mode": (state or {}).get("run", {}).get("mode"),
         "fingerprint": state["fingerprint"] if state else None,
         "plan_complete": store.complete,
         "documents": sum(s.docs for s in stats),
         "chunks": sum(s.chunks for s in stats),
-        "tokens": total_tokens,
+        "tokens": sum(s.tokens for s in stats),
         "batches_done": done,
         "batches": batches,
         "percent_done": round(100 * done / batches, 1) if batches else 0.0,
-        "tokens_in_done_windows": tokens_done,
         "vectors_written": state["vectors_written"] if state else 0,
-        "dead_letters": _count_lines(job.dead_letter_file),
+        "safe_token_budget": state.get("safe_token_budget") if state else None,
     }
 
 
-def _count_lines(path) -> int:
+def _count_lines(path: Path) -> int:
     return sum(1 for _ in path.open(encoding="utf-8")) if path.exists() else 0

@@ -102,6 +102,7 @@ class Writer:
                     break
 
     def _write(self, batch: VectorBatch) -> list[str]:
+        fault_point("before_sink_write")
         acked = self.sink.write(batch)
         fault_point("after_sink_write")
         return acked

@@ -32,7 +32,11 @@ def milvus_rows(uri: Path | str, collection: str) -> dict[str, dict]:
         client.close()
 
 
-def parquet_rows(directory: Path) -> dict[str, dict]:
+def parquet_rows(root: Path) -> dict[str, dict]:
+    """The published version's rows: the directory that ``root/CURRENT`` names."""
+    import json
+
+    directory = root / json.loads((root / "CURRENT").read_text())["version"]
     rows: dict[str, dict] = {}
     for f in sorted(directory.glob("*.parquet")):
         t = pq.read_table(f)

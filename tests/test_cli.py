@@ -69,17 +69,27 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 def test_status_before_and_after_a_run(tmp_path: Path) -> None:
     job = make_job(tmp_path, demo_docs(3), sink={"kind": "parquet", "path": "v", "uri": None})
     before = json.loads(invoke("status", str(job), "--json").output)
-    assert before["state"] == "not started" and before["batches_done"] == 0
+    assert before["state"] == "not started" and "published_target" not in before
     run = invoke("run", str(job), "--report", str(tmp_path / "report.json"))
     assert run.exit_code == 0, run.output
     assert "documents     3" in run.output  # the one-screen summary
     after = json.loads(invoke("status", str(job), "--json").output)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert after["state"] == "complete"
-    assert after["batches_done"] == after["batches"] == report["batches"] > 0
-    assert after["vectors_written"] == report["vectors_written"] == report["chunks"]
+    assert after["state"] == "published"
+    assert after["published_documents"] == report["docs"] == 3
+    assert after["published_target"] == report["target"]
+    assert report["vectors_written"] == report["chunks"] == report["vectors_in_target"] > 0
     text = invoke("status", str(job))
-    assert "complete" in text.output and "vectors_written" in text.output
+    assert "published" in text.output and "published_target" in text.output
+
+
+def test_status_of_an_unfinished_run(tmp_path: Path) -> None:
+    job = make_job(tmp_path, demo_docs(4), sink={"kind": "parquet", "path": "v", "uri": None})
+    trial = invoke("run", str(job), "--quiet", "--limit", "2")
+    assert trial.exit_code == 0, trial.output
+    state = json.loads(invoke("status", str(job), "--json").output)
+    assert state["state"] == "in progress" and not state["plan_complete"]
+    assert state["documents"] == 2 and state["batches_done"] == state["batches"] > 0
 
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:

@@ -82,13 +82,13 @@ def test_report_counts_are_consistent(milvus_run) -> None:
 
 
 def test_second_run_embeds_nothing_and_changes_nothing(milvus_run) -> None:
-    tmp, _, job, report = milvus_run
+    tmp, docs, job, report = milvus_run
     before = milvus_rows(tmp / "out.db", "t")
     result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report", str(tmp / "r2.json")])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output  # nothing to do
     again = json.loads((tmp / "r2.json").read_text())
-    assert again["tokens_embedded"] == 0
-    assert again["batches_skipped"] == report["batches"]
+    assert again["tokens_embedded"] == 0 and again["outcome"] == "nothing_to_do"
+    assert again["docs_unchanged"] == len(docs)
     assert milvus_rows(tmp / "out.db", "t").keys() == before.keys()
 
 
@@ -100,7 +100,7 @@ def test_parquet_sink_with_matryoshka_dimension(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = parquet_rows(tmp_path / "vectors")
     assert set(rows) == expected_pks(job, docs)
-    files = sorted((tmp_path / "vectors").glob("*.parquet"))
+    files = sorted((tmp_path / "vectors").glob("v*/*.parquet"))
     assert len(files) >= 2
     schema = pq.read_schema(files[0])
     assert schema.field("vector").type == pa.list_(pa.float32(), 128)

@@ -71,7 +71,7 @@ def test_sigkill_at_a_fault_point_then_resume(tmp_path: Path, reference, kind: s
 def test_external_sigkill_mid_run_then_resume(tmp_path: Path, reference) -> None:
     """No fault hook: a real `kill -9` from outside once some batches are acknowledged."""
     job = make_job(tmp_path, DOCS, **SMALL)
-    ckpt = tmp_path / ".embed-job" / "t" / "checkpoint.json"
+    ckpt = tmp_path / ".embed-job" / "t" / "run" / "checkpoint.json"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -90,14 +90,19 @@ def test_external_sigkill_mid_run_then_resume(tmp_path: Path, reference) -> None
 
 
 def test_changed_fingerprint_is_refused_until_restart(tmp_path: Path) -> None:
-    job = make_job(tmp_path, DOCS[:4], sink={"kind": "parquet", "path": "v", "uri": None})
+    """An unfinished run is never resumed with settings that would give other vectors."""
+    parquet = {"sink": {"kind": "parquet", "path": "v", "uri": None}}
+    job = make_job(tmp_path, DOCS[:4], **parquet)
     runner = CliRunner()
-    assert runner.invoke(main, ["run", str(job), "--quiet"]).exit_code == 0
-    job2 = make_job(tmp_path, DOCS[:4], chunking={"max_tokens": 96},
-                    sink={"kind": "parquet", "path": "v", "uri": None})
+    assert runner.invoke(main, ["run", str(job), "--quiet", "--limit", "2"]).exit_code == 0
+    job2 = make_job(tmp_path, DOCS[:4], chunking={"max_tokens": 96}, **parquet)
     refused = runner.invoke(main, ["run", str(job2), "--quiet"])
     assert refused.exit_code == 3
     assert "different job configuration" in refused.output and "--restart" in refused.output
     assert "Traceback" not in refused.output
     again = runner.invoke(main, ["run", str(job2), "--quiet", "--restart"])
     assert again.exit_code == 0, again.output
+    fresh = tmp_path / "fresh"
+    ref = make_job(fresh, DOCS[:4], chunking={"max_tokens": 96}, **parquet)
+    assert runner.invoke(main, ["run", str(ref), "--quiet"]).exit_code == 0
+    assert_same_store(parquet_rows(tmp_path / "v"), parquet_rows(fresh / "v"))

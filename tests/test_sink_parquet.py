@@ -134,9 +134,10 @@ def test_bad_batches_are_refused(tmp_path: Path) -> None:
 
 def test_factory(tmp_path: Path) -> None:
     config = SinkConfig(kind="parquet", path="vectors", rows_per_file=3)
-    sink = make_sink(config, lambda p: tmp_path / p, "ignored", file_metadata=META)
+    sink = make_sink(config, lambda p: tmp_path / p, "ignored", "v00002-abc", file_metadata=META)
     assert isinstance(sink, ParquetSink)
-    assert sink.directory == tmp_path / "vectors"
+    assert sink.directory == tmp_path / "vectors" / "v00002-abc"
+    assert sink.root == tmp_path / "vectors" and sink.file_prefix == "v00002-"
     assert (sink.rows_per_file, sink.file_metadata) == (3, META)
 
 

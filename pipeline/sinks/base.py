@@ -8,6 +8,7 @@ sinks make that harmless (upsert by primary key, or overwrite a deterministicall
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,3 +52,24 @@ class Sink(ABC):
 
     def close(self) -> None:
         """Release connections. Safe to call twice."""
+
+    # -- generations: what readers see changes only on publish ------------------------
+
+    @abstractmethod
+    def discard_target(self) -> None:
+        """A new build starts on a clean target: remove what an abandoned build left there.
+        Never called on a published target."""
+
+    @abstractmethod
+    def retire(self, changes: Iterable[tuple[str, int, int]]) -> None:
+        """Drop what the base generation held for changed documents, as (doc id, old chunk
+        count, new chunk count); new count 0 removes the document. Idempotent."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Vectors the target holds now, every acknowledged write included."""
+
+    @abstractmethod
+    def publish(self, keep: list[str]) -> None:
+        """Make the target what readers see, atomically; drop this job's other generations
+        except those named in ``keep``. Idempotent."""

@@ -61,12 +61,14 @@ class MilvusSink(Sink):
 
     def __init__(self, uri: str | Path, collection: str, *, token: str | None = None,
                  index: IndexConfig | None = None, store_text: bool = True,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, alias: str | None = None) -> None:
         """``uri``: a resolved Lite path ending in .db, or a server URI. ``timeout`` bounds
         each data call, pymilvus's own retries included, so a dead server surfaces as a
-        TransientError for the runner to retry instead of hanging."""
+        TransientError for the runner to retry instead of hanging. ``alias``: the name
+        applications query; ``publish`` points it at ``collection``."""
         self.uri = str(uri)
         self.collection = collection
+        self.alias = alias
         self.is_lite = not is_server_uri(self.uri)
         self.token = token or ""
         self.index = index or IndexConfig()
@@ -132,6 +134,58 @@ class MilvusSink(Sink):
             literal = json.dumps(ids[start:start + _DELETE_CHUNK], ensure_ascii=False)
             self._call("delete", client.delete, self.collection, filter=f"doc_id in {literal}",
                        consistency_level="Strong", timeout=self.timeout)
+
+    def discard_target(self) -> None:
+        """Drop the collection an abandoned build left, unless an alias points at it."""
+        client = self.connect()
+        if not self._call("has collection", client.has_collection, self.collection):
+            return
+        if self._call("list aliases", client.list_aliases, self.collection).get("aliases"):
+            raise SinkError(f"{self._where}: is published (has an alias) and cannot be rebuilt "
+                            f"in place; its sync state is missing — restore it or drop the alias")
+        self._call("drop collection", client.drop_collection, self.collection)
+        self._loaded = False
+
+    def retire(self, changes: Iterable[tuple[str, int, int]]) -> None:
+        """Delete the chunks a changed document no longer has (index >= its new count)."""
+        client = self._ready()
+        by_count: dict[int, list[str]] = {}
+        for doc_id, old_n, new_n in changes:
+            if old_n > new_n:
+                by_count.setdefault(new_n, []).append(doc_id)
+        for new_n, ids in sorted(by_count.items()):
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                literal = json.dumps(ids[start:start + _DELETE_CHUNK], ensure_ascii=False)
+                self._call("delete", client.delete, self.collection,
+                           filter=f"doc_id in {literal} and chunk_index >= {new_n}",
+                           consistency_level="Strong", timeout=self.timeout)
+
+    def publish(self, keep: list[str]) -> None:
+        """Point the alias at this collection (one atomic switch for readers), then drop
+        the job's other collections (``<alias>__*``) not named in ``keep``.
+
+        Lite drops the *target* when asked to drop an alias name, and silently removes an
+        alias with its collection: only real collection names that no alias points to are
+        dropped here, after the switch.
+        """
+        if self.alias is None:
+            return
+        client = self.connect()
+        names = self._call("list collections", client.list_collections)
+        if self.alias in names:
+            raise SinkError(f"{self._where}: a collection named {self.alias!r} exists; the job "
+                            f"publishes under that name as an alias — rename or drop it")
+        prefix = f"{self.alias}__"
+        ours = [n for n in names if n.startswith(prefix)]
+        holder = next((n for n in ours if self.alias in self._call(
+            "list aliases", client.list_aliases, n).get("aliases", [])), None)
+        if holder is None:
+            self._call("create alias", client.create_alias, self.collection, self.alias)
+        elif holder != self.collection:
+            self._call("alter alias", client.alter_alias, self.collection, self.alias)
+        for name in ours:
+            if name != self.collection and name not in keep:
+                self._call("drop collection", client.drop_collection, name)
 
     def count(self) -> int:
         """Rows visible now, every acknowledged write included (Strong consistency)."""

@@ -10,11 +10,14 @@ bulk-imported; dimension, batch ids and the caller's model info go into the file
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError
@@ -25,18 +28,43 @@ from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def part_name(first_batch_id: str) -> str:
+CURRENT = "CURRENT"
+
+
+def part_name(first_batch_id: str, prefix: str = "") -> str:
     """The deterministic file name of the file that starts with this batch."""
-    return f"part-{first_batch_id}.parquet"
+    return f"part-{prefix}{first_batch_id}.parquet"
+
+
+def current_version(root: Path) -> Path | None:
+    """The version directory readers should use, from the root's CURRENT pointer."""
+    pointer = root / CURRENT
+    if not pointer.exists():
+        return None
+    return root / json.loads(pointer.read_text())["version"]
 
 
 class ParquetSink(Sink):
-    """Vectors into a directory of Parquet files of about ``rows_per_file`` rows each."""
+    """Vectors into a directory of Parquet files of about ``rows_per_file`` rows each.
+
+    Each run writes a new version directory under ``root``; ``publish`` flips the root's
+    ``CURRENT`` pointer (an atomic rename) so readers switch versions in one step. An
+    incremental run carries the base version's files over — hard links for files no changed
+    document touches, filtered rewrites for the others — so unchanged vectors are not
+    re-embedded and files stay immutable.
+    """
 
     def __init__(self, directory: str | Path, *, rows_per_file: int = 50_000,
-                 store_text: bool = True, file_metadata: Mapping[str, str] | None = None) -> None:
-        """``file_metadata``: extra key-value pairs (model, fingerprint...) for every file."""
+                 store_text: bool = True, file_metadata: Mapping[str, str] | None = None,
+                 root: str | Path | None = None, base: str | Path | None = None,
+                 file_prefix: str = "") -> None:
+        """``file_metadata``: extra key-value pairs (model, fingerprint...) for every file;
+        ``base``: the version an incremental run builds on; ``file_prefix`` keeps this run's
+        file names apart from those it carries over."""
         self.directory = Path(directory)
+        self.root = Path(root) if root is not None else self.directory.parent
+        self.base = Path(base) if base is not None else None
+        self.file_prefix = file_prefix
         self.rows_per_file = rows_per_file
         self.store_text = store_text
         self.file_metadata = dict(file_metadata or {})
@@ -76,6 +104,38 @@ class ParquetSink(Sink):
     def close(self) -> None:
         self._discard()
 
+    def discard_target(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def retire(self, changes: Iterable[tuple[str, int, int]]) -> None:
+        """Carry the base version over, without the rows of changed or removed documents."""
+        if self.base is None:
+            return
+        changed = pa.array({doc_id for doc_id, _, _ in changes}, pa.string())
+        for src in sorted(self.base.glob("*.parquet")):
+            dest = self.directory / src.name
+            if dest.exists():
+                continue  # carried by an earlier attempt
+            table = pq.read_table(src)
+            keep = pc.invert(pc.is_in(table["doc_id"], value_set=changed))
+            if pc.all(keep).as_py():
+                _link_or_copy(src, dest)
+            elif pc.any(keep).as_py():
+                with atomic_path(dest) as tmp:
+                    pq.write_table(table.filter(keep), tmp)
+
+    def count(self) -> int:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.directory.glob("*.parquet"))
+
+    def publish(self, keep: list[str]) -> None:
+        """Flip CURRENT to this version; remove other versions not named in ``keep``."""
+        with atomic_path(self.root / CURRENT) as tmp:
+            Path(tmp).write_text(json.dumps({"version": self.directory.name}))
+        for old in self.root.iterdir():
+            if old.is_dir() and old.name.startswith("v") and old != self.directory \
+                    and old.name not in keep:
+                shutil.rmtree(old)
+
     def _make_schema(self, dimension: int) -> pa.Schema:
         fields = [
             pa.field("pk", pa.string(), nullable=False),
@@ -112,7 +172,7 @@ class ParquetSink(Sink):
 
     def _write_file(self) -> list[str]:
         ids = [batch_id for batch_id, _ in self._pending]
-        path = self.directory / part_name(ids[0])
+        path = self.directory / part_name(ids[0], self.file_prefix)
         metadata = {**self.file_metadata, "dimension": str(self.dimension),
                     "batch_ids": json.dumps(ids)}
         table = pa.Table.from_batches([rb for _, rb in self._pending], schema=self._schema)
@@ -131,3 +191,12 @@ class ParquetSink(Sink):
     def _remove_temps(self) -> None:
         for tmp in self.directory.glob(f".part-*.parquet.*{TEMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Files are immutable once written, so a hard link is a safe, free copy."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)

@@ -1,0 +1,147 @@
+"""Embedding planned batches with out-of-memory back-off.
+
+A batch that runs out of memory is split in halves, recursively; a single chunk that still
+fails is a dead letter. The padded size that last worked becomes the *safe budget*: later
+batches above it are split before they are sent, it is saved in the checkpoint so a resumed
+run starts from it, and it grows back by a quarter after every run of clean batches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.embedders.base import Embedder
+from pipeline.planning import PlannedBatch
+
+GROW_AFTER = 32  # clean batches before the safe budget grows back
+
+
+def is_oom(e: BaseException) -> bool:
+    """Host MemoryError, torch's OutOfMemoryError, or a backend's 'out of memory' RuntimeError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+@dataclass
+class SafeBudget:
+    """Padded tokens per embedding call that are known to fit; None = the plan's own budget."""
+
+    limit: int | None
+    ceiling: int
+    clean: int = 0
+
+    def failed(self, padded: int) -> None:
+        self.limit = max(1, padded // 2) if self.limit is None else min(self.limit, max(1, padded // 2))
+        self.clean = 0
+
+    def succeeded(self) -> bool:
+        """Count a clean batch; True when the limit changed (and should be saved)."""
+        if self.limit is None:
+            return False
+        self.clean += 1
+        if self.clean < GROW_AFTER:
+            return False
+        self.clean = 0
+        grown = self.limit + max(1, self.limit // 4)
+        self.limit = None if grown >= self.ceiling else grown
+        return True
+
+
+def padded_size(seqs: list[list[int]]) -> int:
+    return len(seqs) * max((len(s) for s in seqs), default=0)
+
+
+def split_to_fit(seqs: list[list[int]], limit: int | None) -> list[tuple[int, int]]:
+    """[start, end) slices of a length-sorted batch whose padded size is within ``limit``."""
+    if limit is None or padded_size(seqs) <= limit:
+        return [(0, len(seqs))]
+    half = len(seqs) // 2
+    if half == 0:
+        return [(0, len(seqs))]
+    left = split_to_fit(seqs[:half], limit)
+    right = split_to_fit(seqs[half:], limit)
+    return left + [(s + half, e + half) for s, e in right]
+
+
+class ResilientEmbedding:
+    """Drives ``embedder.embed_stream`` over planned batches and survives OOM.
+
+    ``on_unfit(batch, row)`` is told about a chunk that does not fit even alone; its vector
+    row comes back as NaN so the caller can dead-letter it and keep the rest of the batch.
+    """
+
+    def __init__(self, embedder: Embedder, budget: SafeBudget,
+                 on_unfit: Callable[[PlannedBatch, int, BaseException], None],
+                 on_budget_change: Callable[[int | None], None]) -> None:
+        self.embedder = embedder
+        self.budget = budget
+        self.on_unfit = on_unfit
+        self.on_budget_change = on_budget_change
+
+    def run(self, batches: Iterable[PlannedBatch]) -> Iterator[tuple[PlannedBatch, np.ndarray]]:
+        """Results in plan order. Batches above the safe budget, and a batch that ran out of
+        memory, leave the stream and go the careful way (split to fit), in their turn."""
+        source = iter(batches)
+        replay: deque[PlannedBatch] = deque()
+        while True:
+            pending: deque[PlannedBatch] = deque()  # sent to the engine, result not yet seen
+            oversize: list[PlannedBatch] = []
+
+            def feed() -> Iterator[tuple[PlannedBatch, list[list[int]]]]:
+                while (b := replay.popleft() if replay else next(source, None)) is not None:
+                    if self.budget.limit is not None and b.padded_tokens > self.budget.limit:
+                        oversize.append(b)  # ends this stream once what is in flight is back
+                        return
+                    pending.append(b)
+                    yield b, b.token_ids
+
+            try:
+                for batch, vectors in self.embedder.embed_stream(feed()):
+                    pending.popleft()
+                    if self.budget.succeeded():
+                        self.on_budget_change(self.budget.limit)
+                    yield batch, vectors
+            except BaseException as e:
+                if not is_oom(e) or not pending:
+                    raise
+                failed = pending.popleft()
+                self.budget.failed(failed.padded_tokens)
+                self.on_budget_change(self.budget.limit)
+                self._release()
+                yield failed, self._embed_carefully(failed)
+                replay.extend([*pending, *oversize])
+                continue
+            if not oversize:
+                return
+            yield oversize[0], self._embed_carefully(oversize[0])
+
+    def _embed_carefully(self, batch: PlannedBatch) -> np.ndarray:
+        seqs = batch.token_ids
+        out = np.full((len(seqs), self.embedder.native_dim), np.nan, dtype=np.float32)
+        work = deque(split_to_fit(seqs, self.budget.limit))
+        while work:
+            s, e = work.popleft()
+            try:
+                out[s:e] = self.embedder.embed_batch(seqs[s:e])
+            except BaseException as err:
+                if not is_oom(err):
+                    raise
+                self._release()
+                if e - s == 1:
+                    self.on_unfit(batch, s, err)
+                    continue
+                self.budget.failed(padded_size(seqs[s:e]))
+                self.on_budget_change(self.budget.limit)
+                mid = (s + e) // 2
+                work.extendleft([(mid, e), (s, mid)])
+        return out
+
+    def _release(self) -> None:
+        release = getattr(self.embedder, "release_memory", None)
+        if release is not None:
+            release()
