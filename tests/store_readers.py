@@ -53,3 +53,26 @@ def assert_same_store(a: dict[str, dict], b: dict[str, dict], min_cos: float = 0
     for pk in a:
         cos = float(np.dot(a[pk]["vector"], b[pk]["vector"]))
         assert cos >= min_cos, f"{pk}: cosine {cos}"
+
+
+def milvus_state_in_subprocess(uri: Path, alias: str) -> tuple[dict[str, dict], str, list[str]]:
+    """(rows through the alias, the alias's collection, all collections), read by another
+    process: Milvus Lite keeps a db open in a process until it exits, so a test that lets a
+    child process write must not open the db itself."""
+    import pickle
+    import subprocess
+    import sys
+
+    code = (
+        "import pickle, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from store_readers import milvus_rows\n"
+        "from pymilvus import MilvusClient\n"
+        "rows = milvus_rows(%r, %r)\n"
+        "c = MilvusClient(%r)\n"
+        "out = (rows, c.describe_alias(%r)['collection_name'], sorted(c.list_collections()))\n"
+        "c.close()\n"
+        "sys.stdout.buffer.write(pickle.dumps(out))\n"
+    ) % (str(Path(__file__).parent), str(uri), alias, str(uri), alias)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=120)
+    return pickle.loads(done.stdout)

@@ -240,7 +240,11 @@ class MilvusSink(Sink):
     def _open_lite(self) -> MilvusClient:
         """Open the Lite db; the real cause of a failure is only logged by milvus-lite."""
         path = Path(self.uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent is a file, or cannot be created
+            raise SinkError(f"milvus {self.uri}: cannot create the Lite db's directory "
+                            f"{path.parent}: {e.strerror or _one_line(e)}") from None
         with _logged_exceptions("milvus_lite.server_manager") as causes:
             try:
                 return MilvusClient(str(path))
