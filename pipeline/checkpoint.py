@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.errors import FingerprintMismatch, JobError
 from pipeline.faults import fault_point
 from pipeline.planning import window_of
-from pipeline.sinks.atomic import atomic_write_bytes
+from pipeline.atomic import atomic_path
 
 FORMAT = 1
 
@@ -80,7 +80,6 @@ class Checkpoint:
         self.save()
 
     def save(self) -> None:
-        fault_point("during_checkpoint_write")
         body = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
@@ -90,7 +89,14 @@ class Checkpoint:
             "safe_token_budget": self.safe_token_budget,
             "run": self.run,
         }
-        atomic_write_bytes(self.path, _seal(body))
+        try:
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(_seal(body))
+                fault_point("during_checkpoint_write")  # written, not yet renamed into place
+        except OSError as e:
+            # the previous checkpoint is intact (atomic replace): what it lists stays done
+            raise JobError(f"{self.path}: cannot write the checkpoint ({e.strerror or e}); "
+                           f"nothing acknowledged is lost — fix it and run again") from e
 
 
 def _seal(body: dict[str, Any]) -> bytes:

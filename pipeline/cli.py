@@ -3,6 +3,7 @@
 Exit codes: 0 done (documents embedded, synced), 1 internal error (a bug: traceback shown),
 2 bad job/input/destination, 3 unfinished run of a different job configuration,
 4 another run holds the lock, 5 nothing to do (incremental run, no document changed),
+6 the destination stayed unavailable through every retry (try again later),
 130/143 stopped by SIGINT/SIGTERM after checkpointing (resumable).
 """
 
@@ -16,10 +17,11 @@ import click
 import yaml
 
 from pipeline.config import Job, load_job
-from pipeline.errors import JobError
+from pipeline.errors import JobError, TransientError
 
 EXIT_INTERRUPTED = 130
 EXIT_NOTHING_TO_DO = 5
+EXIT_UNAVAILABLE = 6
 
 
 def _fail(error: JobError) -> None:
@@ -72,6 +74,10 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
         sys.exit(EXIT_INTERRUPTED)
     except JobError as e:
         _fail(e)
+    except TransientError as e:
+        click.echo(f"error: {e} (still failing after {job.sink.retries} attempts; "
+                   f"progress is checkpointed — run again later)", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
     finally:
         if report_path:
             report.write_json(report_path)

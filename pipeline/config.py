@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +85,10 @@ class SGLangConfig(_Strict):
     chunked_prefill_size: int | None = -1
     max_prefill_tokens: int | None = 65536
     disable_cuda_graph: bool = True
-    max_in_flight: int = Field(8, ge=1, description="batches submitted to the engine at once")
+    max_in_flight: int = Field(64, ge=1, description="at most this many batches with the engine")
+    max_tokens_in_flight: int = Field(
+        262144, ge=1, description="submit more batches until this many tokens are with the engine "
+        "(several prefill passes, so the GPU never waits for the next request)")
     extra: dict[str, Any] = Field(default_factory=dict, description="more Engine kwargs")
 
 
@@ -101,6 +105,16 @@ class ModelConfig(_Strict):
     device: str = "auto"
     query_instruction: str | None = Field(
         None, description="task text for queries: 'Instruct: {task}\\nQuery:{text}'; never for documents")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="transformers backend: run each batch as one row of concatenated "
+        "sequences with variable-length attention, no padding (auto: on a CUDA device for "
+        "decoder models of the Llama/Qwen family)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="transformers backend: torch.compile the packed decoder layer "
+        "(auto: on when packing runs on a CUDA device)")
+    packed_tokens: int = Field(
+        32768, gt=0, description="transformers backend: tokens per packed forward pass (a "
+        "longer sequence runs alone)")
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)
 
 
@@ -129,6 +143,8 @@ class SinkConfig(_Strict):
     store_text: bool = True
     path: str | None = Field(None, description="parquet: output directory")
     rows_per_file: int = Field(50_000, gt=0)
+    retries: int = Field(5, ge=1, description="attempts for a write that fails transiently")
+    retry_base_delay_s: float = Field(0.5, ge=0, description="first backoff; doubles, with jitter")
 
     @model_validator(mode="after")
     def _target(self) -> "SinkConfig":
@@ -222,7 +238,45 @@ def _format_error(where: str, err: dict[str, Any]) -> str:
     if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(
             err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
-    return f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}"
+    if not loc or msg.startswith(f"{loc}."):  # a section's check names its own field
+        return f"{where}: {msg}"
+    return f"{where}: {loc}: {msg}"
+
+
+# pydantic names each member of a union it tried ('str', 'list[str]', "literal['a','b']")
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|[a-z-]+\[.*\])")
+
+
+def _error_lines(where: str, errors: list[dict[str, Any]]) -> list[str]:
+    """One line per problem: a value that fits none of a union's members is one problem,
+    reported inside the member it came closest to (``source.path.1``) when there is one."""
+    order: list[str | tuple] = []  # a finished line, or the location of a union
+    unions: dict[tuple, list[tuple[str, dict[str, Any]]]] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        at = next((i for i, part in enumerate(loc) if i and isinstance(part, str)
+                   and _UNION_MEMBER.fullmatch(part)), None)
+        if at is None:
+            order.append(_format_error(where, err))
+            continue
+        if loc[:at] not in unions:
+            order.append(loc[:at])
+        unions.setdefault(loc[:at], []).append((loc[at], {**err, "loc": loc[:at] + loc[at + 1:]}))
+    lines = []
+    for item in order:
+        if isinstance(item, str):
+            lines.append(item)
+            continue
+        tried = unions[item]
+        deeper = [err for _, err in tried if len(err["loc"]) > len(item)]
+        if deeper:
+            lines += [_format_error(where, err) for err in deeper]
+            continue
+        value = tried[0][1].get("input")
+        got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+        lines.append(f"{where}: {'.'.join(map(str, item))}: expected "
+                     f"{' or '.join(member for member, _ in tried)}{got}")
+    return lines
 
 
 def load_job(path: str | Path) -> Job:
@@ -232,6 +286,12 @@ def load_job(path: str | Path) -> Job:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: job file not found") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})"
+                          ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the job file: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -241,6 +301,6 @@ def load_job(path: str | Path) -> Job:
     try:
         job = Job.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(_format_error(str(path), err) for err in e.errors())) from None
+        raise ConfigError("\n".join(_error_lines(str(path), e.errors()))) from None
     job._base_dir = path.resolve().parent
     return job

@@ -18,6 +18,7 @@ from pipeline.embedders.base import Embedder
 from pipeline.planning import PlannedBatch
 
 GROW_AFTER = 32  # clean batches before the safe budget grows back
+ALONE_ATTEMPTS = 3  # a single chunk that fails this often alone is a dead letter
 
 
 def is_oom(e: BaseException) -> bool:
@@ -69,19 +70,40 @@ def split_to_fit(seqs: list[list[int]], limit: int | None) -> list[tuple[int, in
 
 
 class ResilientEmbedding:
-    """Drives ``embedder.embed_stream`` over planned batches and survives OOM.
+    """Drives ``embed_stream`` over planned batches; survives OOM and a crashed engine.
 
     ``on_unfit(batch, row)`` is told about a chunk that does not fit even alone; its vector
     row comes back as NaN so the caller can dead-letter it and keep the rest of the batch.
+    A RuntimeError that is not an OOM (an engine process that died, a CUDA error) closes the
+    embedder and starts a new one from ``make_embedder``, at most ``max_restarts`` times; the
+    batches in flight are sent again.
     """
 
-    def __init__(self, embedder: Embedder, budget: SafeBudget,
+    def __init__(self, make_embedder: Callable[[], Embedder], budget: SafeBudget,
                  on_unfit: Callable[[PlannedBatch, int, BaseException], None],
-                 on_budget_change: Callable[[int | None], None]) -> None:
-        self.embedder = embedder
+                 on_budget_change: Callable[[int | None], None], max_restarts: int = 2) -> None:
+        self._make = make_embedder
+        self.embedder = make_embedder()
         self.budget = budget
         self.on_unfit = on_unfit
         self.on_budget_change = on_budget_change
+        self.restarts_left = max_restarts
+        self.restarts = 0
+
+    def close(self) -> None:
+        self.embedder.close()
+
+    def _restart(self, error: BaseException) -> bool:
+        if self.restarts_left <= 0 or not isinstance(error, RuntimeError) or is_oom(error):
+            return False
+        self.restarts_left -= 1
+        self.restarts += 1
+        try:
+            self.embedder.close()
+        except Exception:  # noqa: BLE001 - the old engine is already broken
+            pass
+        self.embedder = self._make()
+        return True
 
     def run(self, batches: Iterable[PlannedBatch]) -> Iterator[tuple[PlannedBatch, np.ndarray]]:
         """Results in plan order. Batches above the safe budget, and a batch that ran out of
@@ -107,8 +129,13 @@ class ResilientEmbedding:
                         self.on_budget_change(self.budget.limit)
                     yield batch, vectors
             except BaseException as e:
-                if not is_oom(e) or not pending:
+                if not pending:
                     raise
+                if not is_oom(e):
+                    if not self._restart(e):
+                        raise
+                    replay.extend([*pending, *oversize])
+                    continue
                 failed = pending.popleft()
                 self.budget.failed(failed.padded_tokens)
                 self.on_budget_change(self.budget.limit)
@@ -124,6 +151,7 @@ class ResilientEmbedding:
         seqs = batch.token_ids
         out = np.full((len(seqs), self.embedder.native_dim), np.nan, dtype=np.float32)
         work = deque(split_to_fit(seqs, self.budget.limit))
+        alone_failures: dict[int, int] = {}
         while work:
             s, e = work.popleft()
             try:
@@ -133,7 +161,12 @@ class ResilientEmbedding:
                     raise
                 self._release()
                 if e - s == 1:
-                    self.on_unfit(batch, s, err)
+                    # alone, after freeing memory, ALONE_ATTEMPTS times: it does not fit
+                    alone_failures[s] = alone_failures.get(s, 0) + 1
+                    if alone_failures[s] < ALONE_ATTEMPTS:
+                        work.appendleft((s, e))
+                    else:
+                        self.on_unfit(batch, s, err)
                     continue
                 self.budget.failed(padded_size(seqs[s:e]))
                 self.on_budget_change(self.budget.limit)

@@ -3,7 +3,7 @@
 ``EMBED_JOB_FAULT="after_sink_write@3:kill"`` SIGKILLs the process the 3rd time the run
 passes ``after_sink_write``; ``point~0.2:oom`` fires at random with probability 0.2 (seeded by
 ``EMBED_JOB_FAULT_SEED``); ``:raise`` raises RuntimeError, ``:oom`` raises MemoryError,
-``:transient`` raises TransientError. Several specs may be given, comma-separated.
+``:transient`` raises TransientError, ``:enospc`` raises a disk-full OSError. Several specs may be given, comma-separated.
 ``EMBED_JOB_MEMORY_LIMIT_TOKENS=N`` makes every embedding call of more than N padded tokens
 fail with MemoryError, like a device that is too small.
 Unset (the normal case) a fault point costs one dict lookup.
@@ -64,6 +64,8 @@ def fault_point(name: str) -> None:
         raise MemoryError(f"injected out-of-memory at {name}")
     if action == "transient":
         raise TransientError(f"injected transient failure at {name}")
+    if action == "enospc":
+        raise OSError(28, "No space left on device (injected)")
     raise RuntimeError(f"injected fault at {name}")
 
 

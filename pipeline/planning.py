@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sinks.atomic import atomic_path
+from pipeline.atomic import atomic_path
 
 PLAN_SCHEMA = pa.schema([
     ("batch_id", pa.string()),

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.sinks.atomic import atomic_write_bytes
+from pipeline.atomic import atomic_write_bytes
 
 
 @dataclass

@@ -187,23 +187,29 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
     for s in known:
         _add_window(report, s)
     planner = None
-    if not store.complete:
-        planner = _Planner(ctx, dead, options.limit,
-                           sync if checkpoint.run["skip_unchanged"] else None).start()
     bar = tqdm(total=report.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not options.progress, desc=f"embed {job.name}", smoothing=0.1)
     try:
         sink.on_write_start(ctx.dimension)
+        if not store.complete:
+            planner = _Planner(ctx, dead, options.limit,
+                               sync if checkpoint.run["skip_unchanged"] else None).start()
         t_model = time.monotonic()
-        embedder = wrap_embedder(make_embedder(job.model, ctx.info, ctx.tokenizer.pad_id))
+        engine = ResilientEmbedding(
+            lambda: wrap_embedder(make_embedder(job.model, ctx.info, ctx.tokenizer.pad_id)),
+            SafeBudget(checkpoint.safe_token_budget, ceiling=job.batching.token_budget),
+            on_unfit=lambda *a: None, on_budget_change=lambda limit: None)
         report.model_load_s = time.monotonic() - t_model
         t_exec = time.monotonic()
-        writer = Writer(sink, checkpoint, lambda b: _count_ack(report, b)).start()
+        writer = Writer(sink, checkpoint, lambda b: _count_ack(report, b),
+                        attempts=job.sink.retries, base_delay=job.sink.retry_base_delay_s).start()
         try:
-            with embedder:
+            try:
                 windows = _all_windows(known, planner, report, bar)
-                executor = _Executor(ctx, checkpoint, embedder, writer, dead, report, bar, stop)
-                executor.run(windows)
+                _Executor(ctx, checkpoint, engine, writer, dead, report, bar, stop).run(windows)
+            finally:
+                engine.close()
+                report.extra["engine_restarts"] = engine.restarts
             writer.finish()
         except BaseException:
             if planner is not None:
@@ -270,7 +276,7 @@ def _all_windows(known: list[WindowStats], planner: _Planner | None, report: Run
 class _Executor:
     ctx: JobContext
     checkpoint: Checkpoint
-    embedder: object
+    engine: ResilientEmbedding
     writer: Writer
     dead: DeadLetterFile
     report: RunReport
@@ -279,10 +285,8 @@ class _Executor:
     _unfit: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def run(self, windows: Iterator[int]) -> None:
-        plan_budget = self.ctx.job.batching.token_budget
-        budget = SafeBudget(self.checkpoint.safe_token_budget, ceiling=plan_budget)
-        engine = ResilientEmbedding(self.embedder, budget, self._unfit_chunk,  # type: ignore[arg-type]
-                                    self._save_budget)
+        engine = self.engine
+        engine.on_unfit, engine.on_budget_change = self._unfit_chunk, self._save_budget
         store = self.ctx.plan_store
         for window in windows:
             if self.stop.is_set():
@@ -302,7 +306,8 @@ class _Executor:
             if self.stop.is_set():
                 return
             self.writer.put(WindowEnd(window))
-            self._check_dead_letters()
+            self.check_dead_letters()
+        self.check_dead_letters(final=True)
 
     def _todo(self, window: int) -> Iterator[PlannedBatch]:
         for b in self.ctx.plan_store.batches(window):
@@ -322,14 +327,19 @@ class _Executor:
     def _unfit_chunk(self, batch: PlannedBatch, row: int, error: BaseException) -> None:
         self._unfit[(batch.batch_id, row)] = f"out of memory even alone ({error})"
 
-    def _check_dead_letters(self) -> None:
-        job, docs = self.ctx.job, max(self.report.docs, 1)
-        count = self.dead.count
+    def check_dead_letters(self, final: bool = False) -> None:
+        """Stop when too much of the corpus is unusable: a broken source should fail loudly.
+
+        The share is dead letters over rows seen (documents planned plus rows rejected);
+        until the end it is judged only once 20 rows have been seen.
+        """
+        job, count = self.ctx.job, self.dead.count
+        docs = self.report.docs + count
         if job.max_dead_letters is not None and count > job.max_dead_letters:
             raise JobError(f"{count} dead letters > max_dead_letters {job.max_dead_letters}; "
                            f"see {self.dead.path}")
         ratio = job.max_dead_letter_ratio
-        if ratio is not None and docs >= 20 and count / docs > ratio:
+        if ratio is not None and (docs >= 20 or final) and docs and count / docs > ratio:
             raise JobError(f"{count} dead letters for {docs} documents ({count / docs:.0%}) > "
                            f"max_dead_letter_ratio {ratio:.0%}; see {self.dead.path}")
 

@@ -48,8 +48,9 @@ class Writer:
     """Consumes VectorBatches and WindowEnds from a bounded queue."""
 
     def __init__(self, sink: Sink, checkpoint: Checkpoint, on_ack: Callable[[VectorBatch], None],
-                 depth: int = 4) -> None:
+                 depth: int = 4, attempts: int = 5, base_delay: float = 0.5) -> None:
         self.sink = sink
+        self.attempts, self.base_delay = attempts, base_delay
         self.checkpoint = checkpoint
         self.on_ack = on_ack
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -90,8 +91,8 @@ class Writer:
                 else:
                     self._inflight[item.batch_id] = item
                     self._pending[window_of(item.batch_id)] += 1
-                    self._acked(with_retries(lambda: self._write(item)))
-            self._acked(with_retries(self.sink.on_write_complete))
+                    self._acked(self._retrying(lambda: self._write(item)))
+            self._acked(self._retrying(self.sink.on_write_complete))
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self.error = e
             self.sink.on_write_failed(e)
@@ -100,6 +101,9 @@ class Writer:
                     self.queue.get_nowait()
                 except queue.Empty:
                     break
+
+    def _retrying(self, fn: Callable[[], list[str]]) -> list[str]:
+        return with_retries(fn, self.attempts, self.base_delay)
 
     def _write(self, batch: VectorBatch) -> list[str]:
         fault_point("before_sink_write")

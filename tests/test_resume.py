@@ -54,20 +54,6 @@ def _rows(tmp: Path, kind: str) -> dict[str, dict]:
     return milvus_rows(tmp / "out.db", "t") if kind == "milvus" else parquet_rows(tmp / "vectors")
 
 
-@pytest.mark.parametrize("kind", ["milvus", "parquet"])
-@pytest.mark.parametrize("fault", ["after_read@5", "after_plan_window@1", "after_embed@3",
-                                   "after_sink_write@2", "after_ack@4"])
-def test_sigkill_at_a_fault_point_then_resume(tmp_path: Path, reference, kind: str, fault: str
-                                              ) -> None:
-    job = make_job(tmp_path, DOCS, **SMALL, **_sink(kind))
-    killed = run_cli(job, fault=f"{fault}:kill")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = run_cli(job, "--report", str(tmp_path / "r.json"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["status"] == "completed"
-    assert_same_store(_rows(tmp_path, kind), reference[kind])
-
-
 def test_external_sigkill_mid_run_then_resume(tmp_path: Path, reference) -> None:
     """No fault hook: a real `kill -9` from outside once some batches are acknowledged."""
     job = make_job(tmp_path, DOCS, **SMALL)

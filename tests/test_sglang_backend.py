@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -61,10 +62,23 @@ def sglang(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 
     yield sglang
     for engine in sglang.ENGINES:  # each Engine made and set a new event loop, as the real one does
+        if engine.loop.is_running():  # a test that failed before closing its embedder
+            engine.loop.call_soon_threadsafe(engine.loop.stop)
+            eventually(lambda: not engine.loop.is_running())
         engine.loop.close()
     asyncio.set_event_loop(None)
     for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")]:
         del sys.modules[name]
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` (the engine's loop runs on another thread) until true or timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
 
 
 def start(qwen3_dir: Path, **cfg: Any) -> SGLangEmbedder:
@@ -133,14 +147,46 @@ def test_stream_keeps_batches_in_flight_and_order(sglang: ModuleType, qwen3_dir:
     engine.peak_in_flight = 0
     keys = []
     for k, (key, vectors) in enumerate(emb.embed_stream(iter(batches))):
-        # the next batches are with the engine before the caller gets this one
-        assert len(engine.requests) == min(k + 4, len(batches))
+        # the next batches reach the engine while the caller holds this one
+        assert eventually(lambda: len(engine.requests) == min(k + 4, len(batches)))
         keys.append(key)
         np.testing.assert_allclose(vectors, expected[key], rtol=1e-6, atol=1e-6)
     assert keys == [key for key, _ in batches]
     assert 1 < engine.peak_in_flight <= 4
     eos = sglang.ENGINES[0].model.config.eos_token_id
     assert all(seq[-1] == eos for request in engine.requests for seq in request)
+    emb.close()
+
+
+def test_engine_works_while_the_caller_is_busy(sglang: ModuleType, qwen3_dir: Path,
+                                               ids_of: Callable[[str], list[int]]) -> None:
+    """The engine's loop runs on its own thread: results arrive while the caller is busy with
+    an earlier batch, not only while it waits for one."""
+    emb = start(qwen3_dir, max_in_flight=6)
+    engine = sglang.ENGINES[0]
+    engine.seconds_per_token = 2e-4
+    batches = [(i, [ids_of(t) for t in TEXTS]) for i in range(6)]
+    stream = emb.embed_stream(iter(batches))
+    assert next(stream)[0] == 0  # batches 1-5 are in flight now
+    busy_until = time.monotonic() + 2.0
+    assert eventually(lambda: engine.in_flight == 0 and len(engine.requests) == 6)
+    assert time.monotonic() < busy_until  # all of it happened while this thread did nothing
+    assert [key for key, _ in stream] == [1, 2, 3, 4, 5]
+    emb.close()
+
+
+def test_in_flight_is_counted_in_tokens(sglang: ModuleType, qwen3_dir: Path,
+                                        ids_of: Callable[[str], list[int]]) -> None:
+    """Short batches carry few tokens: more of them are submitted, up to max_tokens_in_flight."""
+    seq = ids_of(TEXTS[1])
+    emb = start(qwen3_dir, max_in_flight=64, max_tokens_in_flight=5 * len(seq))
+    engine = sglang.ENGINES[0]
+    stream = emb.embed_stream((i, [seq]) for i in range(20))
+    assert next(stream)[0] == 0
+    assert eventually(lambda: len(engine.requests) == 5)
+    time.sleep(0.05)
+    assert len(engine.requests) == 5  # 5 x len(seq) tokens reached the limit before the first yield
+    assert [key for key, _ in stream] == list(range(1, 20))
     emb.close()
 
 

@@ -14,7 +14,7 @@ from milvus_server import DIM, make_batch
 from pipeline.config import SinkConfig
 from pipeline.errors import SinkError
 from pipeline.sinks import make_sink
-from pipeline.sinks.atomic import atomic_path, atomic_write_bytes
+from pipeline.atomic import atomic_path, atomic_write_bytes
 from pipeline.sinks.parquet import ParquetSink
 
 META = {"model": "tiny", "fingerprint": "abc123"}

@@ -33,7 +33,8 @@ def make_embedder(model: ModelConfig, info: ModelInfo, pad_id: int) -> Embedder:
         from pipeline.embedders.transformers_backend import TransformersEmbedder
 
         embedder = TransformersEmbedder(info, pad_id, dtype=model.dtype, device=model.device,
-                                        pooling=pooling)
+                                        pooling=pooling, packing=model.packing,
+                                        compile=model.compile, packed_tokens=model.packed_tokens)
     embedder.revision = model.revision
     return embedder
 

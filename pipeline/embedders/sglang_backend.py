@@ -14,12 +14,22 @@ The contract used (checked in the sglang 0.5.17 source, ``srt/entrypoints/engine
   is >= the context length, so at most ``context_length - 1`` tokens fit.
 - Vectors come back L2-normalized from bf16 activations (norms 0.998-1.002).
 - ``shutdown()`` kills every child process of this process (``kill_process_tree``).
+- ``TokenizerManager.auto_create_handle_loop`` starts its result-receiving task on the loop
+  that runs the first request (``asyncio.get_running_loop()``), adds signal handlers only when
+  that is the main thread, and its locks/conditions bind to a loop on first use: so the
+  engine's loop may run on a thread of its own, as long as every request goes through it.
+
+Here ``engine.loop`` runs forever on a dedicated thread and requests are handed to it with
+``asyncio.run_coroutine_threadsafe``: results are received (and the next requests sent) while
+the caller is busy with the previous batch, not only while it waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -78,8 +88,30 @@ def _device_kwargs(device: str) -> dict[str, Any]:
     return {"device": "cuda", "base_gpu_id": int(index) if index else None}
 
 
+class _LoopThread:
+    """Runs an asyncio loop forever on a daemon thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread = threading.Thread(target=self._run, name="embed-job-sglang-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+
+
 class SGLangEmbedder(Embedder):
-    """One ``sglang.Engine`` for the embedder's lifetime, fed token ids, several batches in flight.
+    """One ``sglang.Engine`` for the embedder's lifetime, fed token ids, many batches in flight.
 
     Any failure of the engine (start, a rejected batch, a malformed result) shuts it down and
     raises RuntimeError: a half-working engine holding the GPU is worse than a clear stop.
@@ -97,7 +129,9 @@ class SGLangEmbedder(Embedder):
         self.native_dim = info.hidden_size
         self.max_context = int(self.kwargs["context_length"]) - 1  # SGLang rejects len >= context
         self.max_in_flight = sglang_cfg.max_in_flight
-        self._tasks: set[asyncio.Task[np.ndarray]] = set()
+        self.max_tokens_in_flight = sglang_cfg.max_tokens_in_flight
+        self._tasks: set[asyncio.Task[np.ndarray]] = set()  # touched on the loop thread only
+        self._loop_thread: _LoopThread | None = None
         try:
             self._engine: Any = sglang.Engine(**self.kwargs)
         except Exception as e:
@@ -109,37 +143,57 @@ class SGLangEmbedder(Embedder):
             raise RuntimeError(f"SGLang engine failed to start for {info.path}: "
                                f"{type(e).__name__}: {e}") from e
 
+    @property
+    def engine(self) -> Any:
+        """The live ``sglang.Engine`` (benchmarks talk to it directly through ``run``)."""
+        return self._live_engine()
+
+    def run(self, coro: Any) -> concurrent.futures.Future:
+        """Schedule a coroutine on the engine's loop thread."""
+        self._live_engine()
+        if self._loop_thread is None:
+            self._loop_thread = _LoopThread(self._engine.loop)
+        return self._loop_thread.submit(coro)
+
     def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        engine = self._live_engine()
-        return self._collect(engine.loop, self._submit(engine, batch), len(batch))
+        return self._collect(self._submit(batch), len(batch))
 
     def embed_stream(self, batches: Iterable[tuple[T, Sequence[Sequence[int]]]]
                      ) -> Iterator[tuple[T, np.ndarray]]:
-        """Keep up to ``max_in_flight`` batches submitted, yield them in submission order.
+        """Keep batches submitted until ``max_tokens_in_flight`` tokens (or ``max_in_flight``
+        batches) are with the engine; yield them in submission order.
 
-        A batch is handed to the engine before the previous result is yielded, so the GPU
-        works through the queued batches while the caller handles one.
+        The engine's loop runs on its own thread, so the scheduler gets new requests and
+        results come back while the caller handles the previous batch.
         """
-        engine = self._live_engine()
-        window: deque[tuple[T, int, asyncio.Task[np.ndarray]]] = deque()
+        self._live_engine()
+        window: deque[tuple[T, int, int, concurrent.futures.Future]] = deque()
+        tokens = 0
         try:
             for key, batch in batches:
-                window.append((key, len(batch), self._submit(engine, batch)))
-                if len(window) >= self.max_in_flight:
-                    key, n, task = window.popleft()
-                    yield key, self._collect(engine.loop, task, n)
+                n_tokens = sum(len(seq) for seq in batch)
+                window.append((key, len(batch), n_tokens, self._submit(batch)))
+                tokens += n_tokens
+                while window and (len(window) >= self.max_in_flight
+                                  or tokens >= self.max_tokens_in_flight):
+                    key, n, n_tokens, fut = window.popleft()
+                    tokens -= n_tokens
+                    yield key, self._collect(fut, n)
             while window:
-                key, n, task = window.popleft()
-                yield key, self._collect(engine.loop, task, n)
+                key, n, _, fut = window.popleft()
+                yield key, self._collect(fut, n)
         finally:  # the caller stopped early or a batch failed: drop what is still in flight
             if self._engine is not None:
-                self._cancel(engine.loop, [task for _, _, task in window])
+                self._cancel()
 
     def close(self) -> None:
         engine, self._engine = self._engine, None
         if engine is None:
             return
-        self._cancel(engine.loop, list(self._tasks))
+        if self._loop_thread is not None:
+            self._cancel_on(self._loop_thread)
+            self._loop_thread.stop()
+            self._loop_thread = None
         engine.shutdown()
 
     def _live_engine(self) -> Any:
@@ -147,25 +201,27 @@ class SGLangEmbedder(Embedder):
             raise RuntimeError(f"SGLang embedder for {self.name} is closed")
         return self._engine
 
-    def _submit(self, engine: Any, batch: Sequence[Sequence[int]]) -> asyncio.Task[np.ndarray]:
-        # input_ids must be lists of ints: SGLang tells a batch from one sequence by
-        # isinstance(input_ids[0], list).
-        ids = [[int(t) for t in seq] for seq in batch]
-        task = engine.loop.create_task(self._embed(engine, ids))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _submit(self, batch: Sequence[Sequence[int]]) -> concurrent.futures.Future:
+        self._live_engine()
+        return self.run(self._embed(_id_lists(batch)))
 
-    async def _embed(self, engine: Any, ids: list[list[int]]) -> np.ndarray:
-        if not ids:
-            return np.zeros((0, self.native_dim), dtype=np.float32)
-        responses = engine.tokenizer_manager.generate_request(
-            self._request_cls(input_ids=ids), None)
+    async def _embed(self, ids: list[list[int]]) -> np.ndarray:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
-            out = await responses.__anext__()
+            if not ids:
+                return np.zeros((0, self.native_dim), dtype=np.float32)
+            engine = self._live_engine()
+            responses = engine.tokenizer_manager.generate_request(
+                self._request_cls(input_ids=ids), None)
+            try:
+                out = await responses.__anext__()
+            finally:
+                await responses.aclose()
+            return self._check(out, len(ids))
         finally:
-            await responses.aclose()
-        return self._check(out, len(ids))
+            self._tasks.discard(task)
 
     def _check(self, out: Any, n: int) -> np.ndarray:
         """Turn the engine's answer into an (n, native_dim) float32 array, or say what is wrong."""
@@ -190,21 +246,43 @@ class SGLangEmbedder(Embedder):
             raise ValueError(f"non-finite values in sequence(s) {bad[:10]}")
         return vectors
 
-    def _collect(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[np.ndarray], n: int
-                 ) -> np.ndarray:
-        """Run the engine's loop until ``task`` is done (the other batches progress meanwhile)."""
+    def _collect(self, fut: concurrent.futures.Future, n: int) -> np.ndarray:
+        """Wait for one batch's result (the engine works on the others meanwhile)."""
         try:
-            return loop.run_until_complete(task)
+            return fut.result()
         except Exception as e:
             self.close()
             raise RuntimeError(f"SGLang failed on a batch of {n} sequences (engine shut down): "
                                f"{type(e).__name__}: {e}") from e
 
-    @staticmethod
-    def _cancel(loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[np.ndarray]]) -> None:
-        pending = [t for t in tasks if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    def _cancel(self) -> None:
+        if self._loop_thread is not None:
+            self._cancel_on(self._loop_thread)
 
+    def _cancel_on(self, loop_thread: _LoopThread) -> None:
+        """Cancel every request still in flight and wait until each has finished unwinding."""
+        async def cancel_all() -> None:
+            pending = [t for t in self._tasks if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+        try:
+            loop_thread.submit(cancel_all()).result(timeout=60)
+        except Exception:  # noqa: BLE001 - cleanup must not hide the error being handled
+            pass
+
+
+def _id_lists(batch: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Lists of Python ints: SGLang tells a batch from one sequence by
+    ``isinstance(input_ids[0], list)``. Plan batches already are (``to_pylist``): kept as is."""
+    out = []
+    for seq in batch:
+        if type(seq) is list and (not seq or type(seq[0]) is int):
+            out.append(seq)
+        elif hasattr(seq, "tolist"):
+            out.append(seq.tolist())
+        else:
+            out.append([int(t) for t in seq])
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,11 +241,17 @@ class MilvusSink(Sink):
     def _open_lite(self) -> MilvusClient:
         """Open the Lite db; the real cause of a failure is only logged by milvus-lite."""
         path = Path(self.uri)
+        if path.exists() and not path.is_dir():
+            raise SinkError(f"milvus {self.uri}: exists and is not a Milvus Lite db (a Lite db "
+                            "is a directory)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a parent is a file, or cannot be created
+        except OSError as e:
+            file = next((p for p in (path.parent, *path.parent.parents)
+                         if p.exists() and not p.is_dir()), None)
+            why = f"{file} is a file" if file else e.strerror or _one_line(e)
             raise SinkError(f"milvus {self.uri}: cannot create the Lite db's directory "
-                            f"{path.parent}: {e.strerror or _one_line(e)}") from None
+                            f"{path.parent}: {why}") from None
         with _logged_exceptions("milvus_lite.server_manager") as causes:
             try:
                 return MilvusClient(str(path))
@@ -291,12 +298,23 @@ class MilvusSink(Sink):
         return [s for s in specs if self.store_text or s[0] != "text"]
 
     def _create(self, client: MilvusClient) -> None:
+        self._remove_torn_lite_create()
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         for name, dtype, kwargs in self._field_specs():
             schema.add_field(name, dtype, **kwargs)
         self._call("create collection", client.create_collection, self.collection,
                    schema=schema, index_params=self._index_params(client), timeout=self.timeout)
         self._loaded = True
+
+    def _remove_torn_lite_create(self) -> None:
+        """A process killed inside Lite's create_collection leaves a directory holding only
+        ``schema.json.tmp``; every later create of that name then fails with 'File exists'.
+        The collection never existed (has_collection said so), so the leftover is removed."""
+        if not self.is_lite or is_server_uri(self.uri):
+            return
+        leftover = Path(self.uri) / "collections" / self.collection
+        if leftover.is_dir() and not (leftover / "schema.json").exists():
+            shutil.rmtree(leftover)
 
     def _index_params(self, client: MilvusClient) -> Any:
         kind = self.index.type.upper()

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError
-from pipeline.sinks.atomic import TEMP_SUFFIX, atomic_path
+from pipeline.atomic import TEMP_SUFFIX, atomic_path
 from pipeline.sinks.base import Sink, VectorBatch
 from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
 
