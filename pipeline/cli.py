@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import yaml
 
-from pipeline.config import Job, load_job
+from pipeline.config import load_job
 from pipeline.errors import JobError, TransientError
 
 EXIT_INTERRUPTED = 130
@@ -93,43 +93,20 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
 def validate(job_file: Path) -> None:
     """Check JOB_FILE (settings, model, source paths) and print the resolved job."""
+    from pipeline.validation import job_problems
+
     try:
         job = load_job(job_file)
-        problems = _deep_checks(job)
+        problems = job_problems(job)
     except JobError as e:
         _fail(e)
     if problems:
         for p in problems:
-            click.echo(f"error: {job_file}: {p}", err=True)
+            click.echo(f"error: {p}", err=True)
         sys.exit(2)
     click.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
                nl=False)
     click.echo(f"# {job_file}: OK", err=True)
-
-
-def _deep_checks(job: Job) -> list[str]:
-    """Checks that need the model and the file system, each one line."""
-    from pipeline.models import read_model_info, resolve_model_dir
-    from pipeline.readers import check_source
-
-    problems = []
-    try:
-        info = read_model_info(resolve_model_dir(job.model.path, job.model.revision, job.base_dir))
-        info.check_dimension(job.model.dimension)
-        if job.chunking.max_tokens > info.max_context:
-            problems.append(f"chunking.max_tokens: {job.chunking.max_tokens} > model context "
-                            f"{info.max_context}")
-        if job.batching.token_budget < min(job.chunking.max_tokens, info.max_context):
-            problems.append(f"batching.token_budget: {job.batching.token_budget} < "
-                            f"chunking.max_tokens {job.chunking.max_tokens}: a full chunk "
-                            f"would not fit a batch")
-    except JobError as e:
-        problems.append(str(e))
-    try:
-        check_source(job.source, job.resolve)
-    except JobError as e:
-        problems.append(str(e))
-    return problems
 
 
 @main.command()

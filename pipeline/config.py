@@ -185,6 +185,12 @@ class Job(_Strict):
     max_dead_letters: int | None = Field(None, ge=0, description="stop above this many dead letters")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source_file: str = PrivateAttr(default="job")
+
+    @property
+    def source_file(self) -> str:
+        """The job file this job was read from, for error messages."""
+        return self._source_file
 
     @property
     def base_dir(self) -> Path:
@@ -303,4 +309,5 @@ def load_job(path: str | Path) -> Job:
     except ValidationError as e:
         raise ConfigError("\n".join(_error_lines(str(path), e.errors()))) from None
     job._base_dir = path.resolve().parent
+    job._source_file = str(path)
     return job

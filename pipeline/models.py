@@ -65,10 +65,6 @@ class ModelInfo:
     pooling: Pooling
     matryoshka: bool
 
-    def check_dimension(self, dimension: int | None) -> None:
-        if dimension is not None and dimension > self.hidden_size:
-            raise ConfigError(f"model.dimension: {dimension} > model hidden size {self.hidden_size}")
-
 
 @lru_cache(maxsize=8)
 def read_model_info(path: Path) -> ModelInfo:

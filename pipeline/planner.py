@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.chunking import Chunker
 from pipeline.config import BatchingConfig
+from pipeline.errors import InputError
 from pipeline.faults import fault_point
 from pipeline.keys import chunk_pk
 from pipeline.planning import (DUPLICATE, SKIPPED_UNCHANGED, PlanRow, PlanStore, WindowBuilder,
@@ -68,12 +69,19 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
                batching: BatchingConfig, fingerprint: str, store_text: bool,
                dead_letter: Callable[[DeadLetter], None], on_window: Callable[[WindowStats], None],
                limit: int | None = None, stop: threading.Event | None = None,
-               published: Callable[[str], tuple[str, int] | None] | None = None) -> PlanProgress:
+               published: Callable[[str], tuple[str, int] | None] | None = None,
+               on_bad_row: str = "dead_letter") -> PlanProgress:
     """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted.
 
     With ``published`` (doc id -> stored (hash, chunk count)), a document whose content hash
-    is unchanged is recorded as skipped without being tokenized.
+    is unchanged is recorded as skipped without being tokenized. A duplicate id is a bad row:
+    dead-lettered, or an InputError with ``on_bad_row="error"``.
     """
+    def dead_or_raise(letter: DeadLetter) -> None:
+        if on_bad_row == "error":
+            raise InputError(f"{letter.source}: {letter.reason}")
+        dead_letter(letter)
+
     done = store.all_stats()
     doc_offset = done[-1].doc_end if done else 0
     seen = SeenIds()
@@ -103,7 +111,8 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
         if remaining is not None:
             remaining -= 1
         fault_point("after_read")
-        window.add(*_plan_doc(doc, chunker, seen, fingerprint, store_text, dead_letter, published))
+        window.add(*_plan_doc(doc, chunker, seen, fingerprint, store_text, dead_letter,
+                              dead_or_raise, published))
         fault_point("after_chunk")
         # documents skipped as unchanged cost no rows, so bound the window by documents too
         if len(window.rows) >= batching.sort_window or window.docs >= 4 * batching.sort_window:
@@ -117,7 +126,7 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
 
 def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
               store_text: bool, dead_letter: Callable[[DeadLetter], None],
-              published: Callable[[str], tuple[str, int] | None] | None
+              bad_row: Callable[[DeadLetter], None], published: Callable[[str], tuple[str, int] | None] | None
               ) -> tuple[list[PlanRow], tuple[str, str, int]]:
     """A document's plan rows and its record; duplicates and unchunkable ones go to the dead
     letters.
@@ -129,7 +138,7 @@ def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
     first = seen.first_seen(doc)
     if first is not None:
         # the first occurrence owns the id: this one leaves no record that could override it
-        dead_letter(DeadLetter(doc.doc_id, doc.source, f"duplicate id, first seen at {first}"))
+        bad_row(DeadLetter(doc.doc_id, doc.source, f"duplicate id, first seen at {first}"))
         return [], (doc.doc_id, doc_hash, DUPLICATE)
     if published is not None:
         stored = published(doc.doc_id)

@@ -30,7 +30,7 @@ from pipeline.errors import JobError
 from pipeline.execution import ResilientEmbedding, SafeBudget
 from pipeline.faults import fault_point, wrap_embedder
 from pipeline.lock import JobLock
-from pipeline.models import ModelInfo, read_model_info, resolve_model_dir
+from pipeline.models import ModelInfo
 from pipeline.planner import build_plan
 from pipeline.planning import PlannedBatch, PlanStore, WindowStats
 from pipeline.publish import publish_run
@@ -41,7 +41,8 @@ from pipeline.signals import Interrupted, graceful_stop
 from pipeline.sinks import make_sink, target_name
 from pipeline.sinks.base import Sink, VectorBatch
 from pipeline.sync_state import SyncState
-from pipeline.writer import WindowEnd, Writer
+from pipeline.validation import load_model_info
+from pipeline.writer import WindowEnd, Writer, with_retries
 
 
 @dataclass
@@ -63,8 +64,7 @@ class JobContext:
 
     @classmethod
     def load(cls, job: Job) -> "JobContext":
-        info = read_model_info(resolve_model_dir(job.model.path, job.model.revision, job.base_dir))
-        info.check_dimension(job.model.dimension)
+        info = load_model_info(job)
         pooling = info.pooling if job.model.pooling == "auto" else job.model.pooling
         tokenizer = ModelTokenizer.from_model_dir(info.path, pooling)
         return cls(job, info, tokenizer, job.fingerprint(tokenizer.identity()))
@@ -114,7 +114,8 @@ class _Planner:
             chunker = Chunker(self.ctx.tokenizer, job.chunking, self.ctx.max_context)
             build_plan(docs, chunker, self.ctx.plan_store, job.batching, self.ctx.fingerprint,
                        job.sink.store_text, self.dead, self.windows.put, self.limit, self.stop,
-                       published=self.sync.lookup if self.sync is not None else None)
+                       published=self.sync.lookup if self.sync is not None else None,
+                       on_bad_row=job.source.on_bad_row)
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             self.error = e
         finally:
@@ -152,6 +153,21 @@ def run_job(job: Job, options: RunOptions, report: RunReport | None = None) -> R
     t0 = time.monotonic()
     report = report if report is not None else RunReport(job=job.name)
     report.dead_letter_file = str(job.dead_letter_file)
+    try:
+        _run_locked(job, options, report)
+    except Interrupted:
+        report.status = "interrupted"
+        raise
+    except BaseException as e:
+        report.status = "failed"
+        report.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise
+    finally:
+        report.wall_s = time.monotonic() - t0
+    return report
+
+
+def _run_locked(job: Job, options: RunOptions, report: RunReport) -> None:
     ctx = JobContext.load(job)
     report.fingerprint = ctx.fingerprint
     with JobLock(job.checkpoint_path), graceful_stop() as stop:
@@ -170,12 +186,11 @@ def run_job(job: Job, options: RunOptions, report: RunReport | None = None) -> R
             sink = make_sink(job.sink, job.resolve, job.collection_name, run["target"],
                              run["base"], {"fingerprint": ctx.fingerprint, "model": job.model.path})
             if fresh and run["base"] != run["target"]:
-                sink.discard_target()
+                with_retries(sink.discard_target, job.sink.retries, job.sink.retry_base_delay_s)
             _run_phases(ctx, options, checkpoint, sync, sink, stop, report)
         finally:
             sync.close()
-            report.wall_s = time.monotonic() - t0
-    return report
+
 
 
 def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sync: SyncState,
@@ -190,7 +205,8 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
     bar = tqdm(total=report.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not options.progress, desc=f"embed {job.name}", smoothing=0.1)
     try:
-        sink.on_write_start(ctx.dimension)
+        with_retries(lambda: sink.on_write_start(ctx.dimension), job.sink.retries,
+                     job.sink.retry_base_delay_s)
         if not store.complete:
             planner = _Planner(ctx, dead, options.limit,
                                sync if checkpoint.run["skip_unchanged"] else None).start()
@@ -224,13 +240,6 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
             report.status = "completed"
         else:
             report.status = "partial"
-    except Interrupted:
-        report.status = "interrupted"
-        raise
-    except BaseException as e:
-        report.status = "failed"
-        report.error = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise
     finally:
         bar.close()
         sink.close()

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import TransientError
@@ -29,10 +30,10 @@ class WindowEnd:
 
 
 _STOP = object()
+T = TypeVar("T")
 
 
-def with_retries(fn: Callable[[], list[str]], attempts: int = 5, base_delay: float = 0.5
-                 ) -> list[str]:
+def with_retries(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.5) -> T:
     """Retry transient sink failures with exponential backoff and full jitter."""
     for attempt in range(attempts):
         try:

@@ -1,0 +1,197 @@
+"""The SGLang backend on the GPU: raw engine vs ``embed-job run``, in the same process.
+
+One engine per process (``--mode bf16|fp8|awq``), started once through the product's
+``SGLangEmbedder`` (start-up timed on its own), then:
+
+  warm-up      64 documents, one of 8192 tokens (triton kernels compile here)
+  raw          the engine alone, as smoke.py drives it: all 3000 documents in requests of 500,
+               all in flight at once, straight into ``tokenizer_manager.generate_request``
+  stream       ``SGLangEmbedder.embed_stream`` over the sorted 32K-token plan batches
+  pipeline     ``embed-job run`` end to end with that same engine (Parquet in -> chunking ->
+               plan -> engine -> MRL -> Parquet out)
+  long_32k     one 32768-token chunk
+
+    source shared/sglang-device/activate.sh && python bench/gpu_sglang.py --mode bf16 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import (EOS, Results, import_datasets_or_stub, log, make_docs,  # noqa: E402
+                    rss_peak_mib, write_corpus, write_model_dir)
+
+T0 = time.monotonic()
+
+
+def gpu_used_gib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return round(int(out.split()[0]) / 1024, 1)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["bf16", "fp8", "awq"], default="bf16")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--work", default="/tmp/embed-bench")
+    ap.add_argument("--docs", type=int, default=3000)
+    ap.add_argument("--deadline", type=float, default=240.0)
+    ap.add_argument("--stages", default="raw,stream,pipeline,long_32k")
+    ap.add_argument("--attention-backend", default="triton")
+    ap.add_argument("--max-tokens-in-flight", type=int, default=None)
+    ap.add_argument("--model-dir", default=None, help="use this model dir (CPU rehearsal with "
+                    "tests/standins on PYTHONPATH and a tiny model)")
+    args = ap.parse_args()
+    stages = set(args.stages.split(","))
+    out, work = Path(args.out), Path(args.work)
+    res = Results(out / "results.jsonl")
+    import_datasets_or_stub()
+
+    def left() -> float:
+        return args.deadline - (time.monotonic() - T0)
+
+    def guarded(name: str, fn: Any) -> Any:
+        t = time.monotonic()
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            res.add(stage=f"{args.mode}:{name}", error=f"{type(e).__name__}: {str(e)[:400]}",
+                    seconds=round(time.monotonic() - t, 1))
+            return None
+
+    docs = make_docs(args.docs)
+    n_tokens = sum(map(len, docs))
+    model_dir = Path(args.model_dir) if args.model_dir else write_model_dir(
+        work / ("qwen3-4b-awq" if args.mode == "awq" else "qwen3-4b"),
+        quant=args.mode if args.mode == "awq" else None)
+    corpus = work / "corpus.parquet"
+    if not corpus.exists():
+        write_corpus(corpus, docs)
+
+    t = time.monotonic()
+    import sglang
+
+    from pipeline.config import SGLangConfig
+    from pipeline.embedders.sglang_backend import SGLangEmbedder
+    from pipeline.models import read_model_info
+
+    res.add(stage=f"{args.mode}:import", seconds=round(time.monotonic() - t, 1),
+            sglang=sglang.__version__)
+    cfg = SGLangConfig(quantization="fp8" if args.mode == "fp8" else None,
+                       attention_backend=args.attention_backend,
+                       extra={"load_format": "dummy"},
+                       **({"max_tokens_in_flight": args.max_tokens_in_flight}
+                          if args.max_tokens_in_flight else {}))
+    info = read_model_info(model_dir)
+    t = time.monotonic()
+    emb = SGLangEmbedder(info, cfg)
+    res.add(stage=f"{args.mode}:engine_start", seconds=round(time.monotonic() - t, 1),
+            engine_kwargs={k: v for k, v in emb.kwargs.items() if k != "model_path"},
+            gpu_used_gib=gpu_used_gib())
+    try:
+        engine = emb.engine
+        from sglang.srt.managers.io_struct import EmbeddingReqInput
+
+        def warmup() -> None:
+            t = time.monotonic()
+            w = make_docs(64, seed=1)
+            w[0] = w[0][:1] * 8191 + [EOS]
+            v = emb.embed_batch(w)
+            assert v.shape == (64, info.hidden_size)
+            res.add(stage=f"{args.mode}:warmup", seconds=round(time.monotonic() - t, 1),
+                    norms=[round(float(x), 4) for x in np.linalg.norm(v[:3], axis=1)])
+
+        guarded("warmup", warmup)
+
+        def raw() -> dict[str, Any]:
+            batches = [docs[i:i + 500] for i in range(0, len(docs), 500)]
+
+            async def run_all() -> list[Any]:
+                async def one(b: list[list[int]]) -> Any:
+                    gen = engine.tokenizer_manager.generate_request(
+                        EmbeddingReqInput(input_ids=b), None)
+                    return await gen.__anext__()
+                return await asyncio.gather(*(one(b) for b in batches))
+
+            t = time.monotonic()
+            outs = emb.run(run_all()).result()
+            dt = time.monotonic() - t
+            assert sum(len(o) for o in outs) == len(docs)
+            return res.add(stage=f"{args.mode}:raw_engine", tokens=n_tokens, seconds=round(dt, 2),
+                           tokens_per_s=round(n_tokens / dt, 1), padding_waste=0.0,
+                           gpu_used_gib=gpu_used_gib(),
+                           note="smoke.py's method: 6 requests of 500 docs, all in flight")
+
+        raw_row = guarded("raw", raw) if "raw" in stages and left() > 40 else None
+
+        def stream() -> None:
+            from pipeline.planning import pack_batches
+
+            srt = sorted(docs, key=len)
+            lens = np.array([len(d) for d in srt])
+            plan = [srt[s:e] for s, e in pack_batches(lens, 32768, 256)]
+            t = time.monotonic()
+            n = sum(len(v) for _, v in emb.embed_stream((i, b) for i, b in enumerate(plan)))
+            dt = time.monotonic() - t
+            assert n == len(docs)
+            res.add(stage=f"{args.mode}:embedder_stream", tokens=n_tokens, seconds=round(dt, 2),
+                    tokens_per_s=round(n_tokens / dt, 1), padding_waste=0.0, batches=len(plan),
+                    ratio_to_raw=round(n_tokens / dt / raw_row["tokens_per_s"], 3) if raw_row else None)
+
+        if "stream" in stages and left() > 40:
+            guarded("stream", stream)
+
+        def pipeline() -> None:
+            from pipeline_run import job_dict, run_pipeline
+
+            model_extra = {"sglang": {"quantization": cfg.quantization,
+                                      "extra": {"load_format": "dummy"}}}
+            job = job_dict(f"e2e_sglang_{args.mode}", corpus, model_dir, "sglang",
+                           work / f"e2e-{args.mode}", model_extra=model_extra,
+                           dimension=min(1024, info.hidden_size))
+            r = run_pipeline(job, work / f"e2e-{args.mode}", embedder=emb)
+            res.add(stage=f"{args.mode}:pipeline", padding_waste=0.0,
+                    ratio_to_raw=round(r["tokens_per_s"] / raw_row["tokens_per_s"], 3) if raw_row else None,
+                    **r)
+
+        if "pipeline" in stages and left() > 45:
+            guarded("pipeline", pipeline)
+
+        def long_chunk() -> None:
+            seq = np.random.default_rng(9).integers(0, EOS, size=32767).tolist() + [EOS]
+            t = time.monotonic()
+            v = emb.embed_batch([seq])
+            res.add(stage=f"{args.mode}:long_32k", tokens=len(seq),
+                    seconds=round(time.monotonic() - t, 2), finite=bool(np.isfinite(v).all()),
+                    context_length=emb.kwargs["context_length"], gpu_used_gib=gpu_used_gib())
+
+        if "long_32k" in stages and left() > 15:
+            guarded("long_32k", long_chunk)
+    finally:
+        t = time.monotonic()
+        emb.close()
+        res.add(stage=f"{args.mode}:shutdown", seconds=round(time.monotonic() - t, 1),
+                total_s=round(time.monotonic() - T0, 1), rss_peak_mib=round(rss_peak_mib(), 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Run the product path, ``embed-job run``, on the bench corpus and measure it.
+
+Parquet in -> reader -> token-exact chunker -> sorted token-budget plan (planner thread) ->
+embedder (main thread) -> Matryoshka cut + re-normalize -> writer thread -> Parquet out.
+``run_job`` is called in-process (what ``embed-job run`` calls) so that an already started
+embedder can be handed in: engine start-up is then measured once, separately, and not paid
+again for every configuration measured.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import log, rss_now_mib, rss_peak_mib
+
+
+class Borrowed:
+    """An embedder lent to one run: the run's ``close()`` leaves it open for the next one."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def embed_batch(self, batch: Any) -> Any:
+        return self._inner.embed_batch(batch)
+
+    def embed_stream(self, batches: Any) -> Any:
+        return self._inner.embed_stream(batches)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Borrowed":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def job_dict(name: str, corpus: Path, model_dir: Path, backend: str, work: Path,
+             token_budget: int = 32768, sort_window: int = 1000, dimension: int | None = 1024,
+             model_extra: dict[str, Any] | None = None, max_tokens: int = 8192) -> dict[str, Any]:
+    return {
+        "name": name,
+        "source": {"kind": "parquet", "path": str(corpus), "id_field": "id", "text_field": "text"},
+        "chunking": {"max_tokens": max_tokens},
+        "model": {"backend": backend, "path": str(model_dir), "dimension": dimension,
+                  **(model_extra or {})},
+        "batching": {"token_budget": token_budget, "max_batch_size": 256,
+                     "sort_window": sort_window},
+        "sink": {"kind": "parquet", "path": str(work / "vectors")},
+        "checkpoint_dir": str(work / "checkpoint"),
+    }
+
+
+def run_pipeline(job: dict[str, Any], work: Path, embedder: Any | None = None) -> dict[str, Any]:
+    """Write the job file, run it from scratch, return the measurements."""
+    from pipeline.config import load_job
+    from pipeline.runner import RunOptions, run_job
+    import pipeline.runner as runner
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    path = work / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    original = runner.make_embedder
+    lent = []
+    if embedder is not None:
+        def lend(*args: Any, **kwargs: Any) -> Any:
+            lent.append(True)
+            return Borrowed(embedder)
+        runner.make_embedder = lend
+    rss0 = rss_now_mib()
+    t0 = time.monotonic()
+    try:
+        report = run_job(load_job(path), RunOptions(restart=True, progress=False))
+    finally:
+        runner.make_embedder = original
+    wall = time.monotonic() - t0
+    if embedder is not None and not lent:
+        raise RuntimeError("the runner did not ask make_embedder for its embedder")
+    vectors = sum(1 for _ in (work / "vectors").rglob("*.parquet"))
+    run_s = wall - report.model_load_s
+    out = {
+        "status": report.status, "docs": report.docs, "chunks": report.chunks,
+        "tokens": report.tokens, "plan_padded_tokens": report.padded_tokens,
+        "batches": report.batches, "vectors_written": report.vectors_written,
+        "parquet_files": vectors, "wall_s": round(wall, 2),
+        "model_load_s": round(report.model_load_s, 2), "run_s": round(run_s, 2),
+        "tokens_per_s": round(report.tokens / run_s, 1) if run_s > 0 else 0.0,
+        "runner_tokens_per_s": round(report.tokens_per_s, 1),
+        "rss_before_mib": round(rss0, 1), "rss_peak_mib": round(rss_peak_mib(), 1),
+        "rss_after_mib": round(rss_now_mib(), 1),
+    }
+    log(f"pipeline {job['name']}: {out}")
+    if report.status != "completed":
+        raise RuntimeError(f"run ended {report.status}: {report.error}")
+    return out

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, as run on the device machine (H100), from the repository root:
+#
+#   bash bench/run_device.sh [transformers] [sglang] [bf16 fp8 awq]
+#
+# Needs: the SGLang bundle (shared/sglang-device/, found at ./shared or ../shared) for SGLang
+# and for pydantic; wheels in .whl/ for what the device lacks (datasets, multiprocess).
+# Writes setup.log, transformers.log, sglang.log, results.jsonl and table.md to $OUT
+# (default bench/out) and prints the table last.
+set -u
+OUT="${OUT:-bench/out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+what="${*:-transformers sglang}"
+T0=$(date +%s)
+
+{
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/bench-site .whl/*.whl && export PYTHONPATH="/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+SHARED="$(ls -d shared ../shared 2>/dev/null | head -1)"
+if [ -n "$SHARED" ] && [ -f "$SHARED/sglang-device/activate.sh" ]; then
+  # shellcheck disable=SC1090
+  source "$SHARED/sglang-device/activate.sh" || echo "activate failed"
+else
+  echo "no shared/sglang-device: SGLang runs will fail"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import sys, torch, transformers, pyarrow; print(sys.version.split()[0], torch.__version__, transformers.__version__, pyarrow.__version__)"
+echo "setup took $(( $(date +%s) - T0 ))s"
+} > "$OUT/setup.log" 2>&1
+cat "$OUT/setup.log" | tail -5
+
+# run "$@" in its own process group, killed whole (SGLang's scheduler included) after $1 s
+run_group() {
+  local limit=$1; shift
+  setsid "$@" &
+  local pid=$! t=0
+  while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do sleep 1; t=$((t + 1)); done
+  if kill -0 "$pid" 2>/dev/null; then echo "TIMEOUT after ${limit}s: $*"; kill -9 -- "-$pid" 2>/dev/null; fi
+  wait "$pid" 2>/dev/null
+  local rc=$?
+  kill -9 -- "-$pid" 2>/dev/null  # anything the run left behind
+  return $rc
+}
+
+case " $what " in *" transformers "*)
+  run_group "${TF_LIMIT:-360}" python3 bench/gpu_transformers.py --out "$OUT" \
+    --deadline "$(( ${TF_LIMIT:-360} - 30 ))" > "$OUT/transformers.log" 2>&1
+  echo "transformers rc=$? after $(( $(date +%s) - T0 ))s"
+  grep "^RESULT" "$OUT/transformers.log" | cut -c1-260
+  ;; esac
+
+modes=""
+for m in bf16 fp8 awq; do case " $what " in *" $m "*) modes="$modes $m";; esac; done
+case " $what " in *" sglang "*) [ -z "$modes" ] && modes="bf16 fp8 awq";; esac
+for m in $modes; do
+  stages="raw,stream,pipeline,long_32k"
+  [ "$m" = fp8 ] && stages="raw,pipeline"
+  [ "$m" = awq ] && stages="raw"
+  limit="${SGL_LIMIT:-170}"
+  echo "==== sglang $m" >> "$OUT/sglang.log"
+  run_group "$limit" python3 bench/gpu_sglang.py --mode "$m" --out "$OUT" --stages "$stages" \
+    --deadline "$(( limit - 15 ))" >> "$OUT/sglang.log" 2>&1
+  echo "sglang $m rc=$? after $(( $(date +%s) - T0 ))s"
+done
+grep "^RESULT" "$OUT/sglang.log" 2>/dev/null | cut -c1-260
+
+python3 bench/table.py "$OUT/results.jsonl" | tee "$OUT/table.md"
+echo "total $(( $(date +%s) - T0 ))s"

@@ -1,0 +1,88 @@
+"""Print the benchmark table from the JSON lines the GPU benches wrote.
+
+    python bench/table.py bench/out/results.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import mfu  # noqa: E402
+
+THROUGHPUT = [
+    ("naive_unsorted_b8", "transformers sdpa, unsorted, padded, batch 8 (naive script)"),
+    ("sorted_padded_32k", "transformers sdpa, length-sorted, padded, 32K-token budget"),
+    ("packed_nocompile_32k", "transformers backend, packed (varlen flash), no compile"),
+    ("packed_compile_stream", "**transformers backend, packed + torch.compile** (embed_stream)"),
+    ("pipeline_transformers", "**embed-job run**, transformers backend, end to end"),
+    ("bf16:raw_engine", "SGLang 0.5.17 raw engine, bf16"),
+    ("bf16:embedder_stream", "SGLangEmbedder.embed_stream, bf16"),
+    ("bf16:pipeline", "**embed-job run**, SGLang bf16, end to end"),
+    ("fp8:raw_engine", "SGLang raw engine, fp8 (online, from bf16)"),
+    ("fp8:pipeline", "**embed-job run**, SGLang fp8, end to end"),
+    ("awq:raw_engine", "SGLang raw engine, AWQ 4-bit -> awq_marlin"),
+]
+
+
+def load(path: Path) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row.get("stage", "?")] = row  # the last run of a stage wins
+    return rows
+
+
+def fmt(x: Any, spec: str = ",.0f", suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def main() -> int:
+    rows = load(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/out/results.jsonl"))
+    naive = (rows.get("naive_unsorted_b8") or {}).get("tokens_per_s")
+    env = rows.get("env", {})
+    print(f"GPU: {env.get('gpu', '?')}, torch {env.get('torch', '?')}, "
+          f"transformers {env.get('transformers', '?')}; MFU = tokens/s x 7.73 GFLOP / 989 TFLOP/s")
+    print()
+    print("| what | tokens/s | MFU | padding waste | GPU memory | host RSS peak | vs naive | vs raw engine |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, label in THROUGHPUT:
+        r = rows.get(key)
+        if r is None:
+            continue
+        if "error" in r or "skipped" in r:
+            print(f"| {label} | {r.get('error') or r.get('skipped')} | | | | | | |")
+            continue
+        tps = r.get("tokens_per_s")
+        gpu = r.get("gpu_peak_gib")
+        gpu_s = f"{gpu:.1f} GiB peak alloc" if gpu else (
+            f"{r['gpu_used_gib']:.1f} GiB used (engine)" if r.get("gpu_used_gib") else "—")
+        raw_key = key.split(":")[0] + ":raw_engine" if ":" in key else None
+        raw = (rows.get(raw_key) or {}).get("tokens_per_s") if raw_key else None
+        vs_raw = tps / raw if raw and tps and key != raw_key else None
+        if key == "pipeline_transformers":
+            ref = (rows.get("packed_compile_stream") or {}).get("tokens_per_s")
+            vs_raw = tps / ref if ref else None
+        print(f"| {label} | {fmt(tps)} | {fmt(mfu(tps) * 100 if tps else None, '.1f', '%')} | "
+              f"{fmt((r.get('padding_waste') or 0) * 100, '.1f', '%')} | {gpu_s} | "
+              f"{fmt(r.get('rss_peak_mib'), ',.0f', ' MiB')} | "
+              f"{fmt(tps / naive if naive and tps else None, '.2f', 'x')} | "
+              f"{fmt(vs_raw * 100 if vs_raw else None, '.1f', '%')} |")
+    print()
+    for key in ("naive_unsorted_b32_longest_batch", "golden_bf16", "attention_check",
+                "packed_compile_startup", "long_32k_packed", "long_32k_hf_sdpa_padded_path",
+                "bf16:engine_start", "fp8:engine_start", "awq:engine_start", "bf16:long_32k",
+                "bf16:import", "model_init"):
+        if key in rows:
+            r = {k: v for k, v in rows[key].items() if k not in ("stage", "time", "engine_kwargs")}
+            print(f"- {key}: {json.dumps(r)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
