@@ -3,7 +3,8 @@
 #
 #   bash bench/run_device.sh [transformers] [sglang] [bf16 fp8 awq]
 #
-# Needs: the SGLang bundle (shared/sglang-device/, found at ./shared or ../shared) for SGLang
+# Needs: the SGLang bundle (shared/sglang-device/, or a copy of its activate.sh and archive in
+# .sgl/, carried) for SGLang
 # and for pydantic; wheels in .whl/ for what the device lacks (datasets, multiprocess).
 # Writes setup.log, transformers.log, sglang.log, results.jsonl and table.md to $OUT
 # (default bench/out) and prints the table last.
@@ -19,12 +20,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/bench-site .whl/*.whl && export PYTHONPATH="/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-SHARED="$(ls -d shared ../shared 2>/dev/null | head -1)"
-if [ -n "$SHARED" ] && [ -f "$SHARED/sglang-device/activate.sh" ]; then
+# the bundle's activate.sh + archive: shared/sglang-device (where it travels) or a copy in .sgl/
+ACT="$(ls .sgl/activate.sh shared/sglang-device/activate.sh ../shared/sglang-device/activate.sh 2>/dev/null | head -1)"
+if [ -n "$ACT" ]; then
   # shellcheck disable=SC1090
-  source "$SHARED/sglang-device/activate.sh" || echo "activate failed"
+  source "$ACT" || echo "activate failed"
 else
-  echo "no shared/sglang-device: SGLang runs will fail"
+  echo "no SGLang bundle (.sgl/ or shared/sglang-device/): SGLang runs will fail"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv

@@ -80,8 +80,9 @@ class ResilientEmbedding:
     """
 
     def __init__(self, make_embedder: Callable[[], Embedder], budget: SafeBudget,
-                 on_unfit: Callable[[PlannedBatch, int, BaseException], None],
-                 on_budget_change: Callable[[int | None], None], max_restarts: int = 2) -> None:
+                 on_unfit: Callable[[PlannedBatch, int, BaseException], None] = lambda *a: None,
+                 on_budget_change: Callable[[int | None], None] = lambda limit: None,
+                 max_restarts: int = 2) -> None:
         self._make = make_embedder
         self.embedder = make_embedder()
         self.budget = budget

@@ -213,8 +213,7 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
         t_model = time.monotonic()
         engine = ResilientEmbedding(
             lambda: wrap_embedder(make_embedder(job.model, ctx.info, ctx.tokenizer.pad_id)),
-            SafeBudget(checkpoint.safe_token_budget, ceiling=job.batching.token_budget),
-            on_unfit=lambda *a: None, on_budget_change=lambda limit: None)
+            SafeBudget(checkpoint.safe_token_budget, ceiling=job.batching.token_budget))
         report.model_load_s = time.monotonic() - t_model
         t_exec = time.monotonic()
         writer = Writer(sink, checkpoint, lambda b: _count_ack(report, b),
@@ -226,11 +225,12 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
             finally:
                 engine.close()
                 report.extra["engine_restarts"] = engine.restarts
-            writer.finish()
         except BaseException:
             if planner is not None:
                 planner.stop.set()
+            _drain(writer)
             raise
+        writer.finish()
         report.tokens_per_s = report.tokens_embedded / max(time.monotonic() - t_exec, 1e-9)
         if stop.is_set():
             raise Interrupted(getattr(stop, "signum", 2))
@@ -245,6 +245,14 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
         sink.close()
         report.vectors_total = checkpoint.vectors_written
         report.dead_letters, report.dead_letters_added = dead.count, dead.added
+
+
+def _drain(writer: Writer) -> None:
+    """After a failure elsewhere, still write and acknowledge what was already embedded."""
+    try:
+        writer.finish()
+    except BaseException:  # noqa: BLE001 - the first failure is the one to report
+        pass
 
 
 def _describe_sink(job: Job, target: str) -> str:

@@ -76,3 +76,18 @@ def milvus_state_in_subprocess(uri: Path, alias: str) -> tuple[dict[str, dict], 
     ) % (str(Path(__file__).parent), str(uri), alias, str(uri), alias)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=120)
     return pickle.loads(done.stdout)
+
+
+def wait_for_first_ack(run_root: Path, proc, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll a running job's checkpoint until some vectors are acknowledged; the process must
+    still be running then (so a signal sent next lands mid-run)."""
+    import json
+    import time
+
+    ckpt = run_root / ".embed-job" / "t" / "run" / "checkpoint.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and json.loads(ckpt.read_text())["state"]["vectors_written"] > 0:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before the signal could be sent"

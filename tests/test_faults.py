@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from conftest import demo_docs, make_job
 from pipeline.lock import JobLock
 from reliability import record
-from store_readers import assert_same_store, milvus_rows, parquet_rows
+from store_readers import assert_same_store, milvus_rows, parquet_rows, wait_for_first_ack
 
 DOCS = demo_docs(14)
 # small windows and batches, so a run has many of both to be broken between
@@ -213,7 +212,7 @@ def test_second_concurrent_run_is_refused_with_the_holders_pid(tmp_path: Path) -
     assert refused.returncode == 4, refused.stderr
     assert f"pid {os.getpid()}" in refused.stderr
     record("concurrency", "a second run while one holds the lock",
-           "refused at once with exit 4, naming the holder's pid", f"exit 4: pid named")
+           "refused at once with exit 4, naming the holder's pid", "exit 4: pid named")
 
 
 def test_two_runs_started_together_exactly_one_proceeds(tmp_path: Path) -> None:
@@ -238,13 +237,7 @@ def test_stale_lock_file_from_a_dead_process_does_not_block(tmp_path: Path) -> N
 def test_sigterm_finishes_in_flight_work_and_resumes(tmp_path: Path, reference) -> None:
     job = job_for(tmp_path, "milvus")
     proc = cli(job, wait=False, env={"EMBED_JOB_MEMORY_LIMIT_TOKENS": "100000"})
-    ckpt = tmp_path / ".embed-job" / "t" / "run" / "checkpoint.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and json.loads(ckpt.read_text())["state"]["vectors_written"] > 0:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "finished before the signal"
+    wait_for_first_ack(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
     stderr = proc.stderr.read()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import demo_docs, make_job
 from pipeline.cli import main
-from store_readers import assert_same_store, milvus_rows, parquet_rows
+from store_readers import assert_same_store, milvus_rows, parquet_rows, wait_for_first_ack
 
 DOCS = demo_docs(14)
 # small windows and batches so that a run has many of both to be killed between
@@ -60,12 +59,7 @@ def test_external_sigkill_mid_run_then_resume(tmp_path: Path, reference) -> None
     ckpt = tmp_path / ".embed-job" / "t" / "run" / "checkpoint.json"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and json.loads(ckpt.read_text())["state"]["vectors_written"] > 0:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    wait_for_first_ack(tmp_path, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = json.loads(ckpt.read_text())["state"]
