@@ -24,7 +24,7 @@ fi
 ACT="$(ls .sgl/activate.sh shared/sglang-device/activate.sh ../shared/sglang-device/activate.sh 2>/dev/null | head -1)"
 if [ -n "$ACT" ]; then
   # shellcheck disable=SC1090
-  source "$ACT" || echo "activate failed"
+  source "$ACT" "$(dirname "$ACT")/sglang-bundle.tar.xz" || echo "activate failed"
 else
   echo "no SGLang bundle (.sgl/ or shared/sglang-device/): SGLang runs will fail"
 fi
