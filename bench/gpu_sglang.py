@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (EOS, Results, import_datasets_or_stub, log, make_docs,  # noqa: E402
+from common import (EOS, Results, import_datasets_or_stub, make_docs,  # noqa: E402
                     rss_peak_mib, write_corpus, write_model_dir)
 
 T0 = time.monotonic()
@@ -56,6 +56,11 @@ def main() -> int:
     ap.add_argument("--stages", default="raw,stream,pipeline,long_32k")
     ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--max-tokens-in-flight", type=int, default=None)
+    ap.add_argument("--pipeline-variants", default="w500",
+                    help="comma-separated w<sort_window>[f<K tokens in flight>]; the first is "
+                    "reported as 'pipeline'")
+    ap.add_argument("--stream-variants", default="f",
+                    help="comma-separated f (default in-flight) or f<K tokens in flight>")
     ap.add_argument("--model-dir", default=None, help="use this model dir (CPU rehearsal with "
                     "tests/standins on PYTHONPATH and a tiny model)")
     args = ap.parse_args()
@@ -140,40 +145,36 @@ def main() -> int:
                            gpu_used_gib=gpu_used_gib(),
                            note="smoke.py's method: 6 requests of 500 docs, all in flight")
 
-        raw_row = guarded("raw", raw) if "raw" in stages and left() > 40 else None
+        raw_row = guarded("raw", raw) if "raw" in stages and left() > 30 else None
 
-        def stream() -> None:
-            from pipeline.planning import pack_batches
-
-            srt = sorted(docs, key=len)
-            lens = np.array([len(d) for d in srt])
-            plan = [srt[s:e] for s, e in pack_batches(lens, 32768, 256)]
-            t = time.monotonic()
-            n = sum(len(v) for _, v in emb.embed_stream((i, b) for i, b in enumerate(plan)))
-            dt = time.monotonic() - t
-            assert n == len(docs)
-            res.add(stage=f"{args.mode}:embedder_stream", tokens=n_tokens, seconds=round(dt, 2),
-                    tokens_per_s=round(n_tokens / dt, 1), padding_waste=0.0, batches=len(plan),
-                    ratio_to_raw=round(n_tokens / dt / raw_row["tokens_per_s"], 3) if raw_row else None)
-
-        if "stream" in stages and left() > 40:
-            guarded("stream", stream)
-
-        def pipeline() -> None:
+        def pipeline(variant: str) -> None:
+            """variant: w<sort_window>[f<tokens in flight, K>], e.g. w500, w4000f1024."""
             from pipeline_run import job_dict, run_pipeline
 
-            model_extra = {"sglang": {"quantization": cfg.quantization,
-                                      "extra": {"load_format": "dummy"}}}
-            job = job_dict(f"e2e_sglang_{args.mode}", corpus, model_dir, "sglang",
-                           work / f"e2e-{args.mode}", model_extra=model_extra,
-                           dimension=min(1024, info.hidden_size))
-            r = run_pipeline(job, work / f"e2e-{args.mode}", embedder=emb)
-            res.add(stage=f"{args.mode}:pipeline", padding_waste=0.0,
+            window, _, flight = variant[1:].rstrip("r").partition("f")  # 'r': a repeat
+            default_flight = emb.max_tokens_in_flight
+            if flight:
+                emb.max_tokens_in_flight = int(flight) * 1024
+            try:
+                model_extra = {"sglang": {"quantization": cfg.quantization,
+                                          "max_tokens_in_flight": emb.max_tokens_in_flight,
+                                          "extra": {"load_format": "dummy"}}}
+                job = job_dict(f"e2e_sglang_{args.mode}", corpus, model_dir, "sglang",
+                               work / f"e2e-{args.mode}", model_extra=model_extra,
+                               dimension=min(1024, info.hidden_size), sort_window=int(window))
+                r = run_pipeline(job, work / f"e2e-{args.mode}", embedder=emb)
+            finally:
+                emb.max_tokens_in_flight = default_flight
+            name = "pipeline" if variant == args.pipeline_variants.split(",")[0] else f"pipeline_{variant}"
+            res.add(stage=f"{args.mode}:{name}", padding_waste=0.0, sort_window=int(window),
+                    max_tokens_in_flight=int(flight) * 1024 if flight else default_flight,
                     ratio_to_raw=round(r["tokens_per_s"] / raw_row["tokens_per_s"], 3) if raw_row else None,
                     **r)
 
-        if "pipeline" in stages and left() > 45:
-            guarded("pipeline", pipeline)
+        if "pipeline" in stages:
+            for variant in args.pipeline_variants.split(","):
+                if left() > 30:
+                    guarded(f"pipeline_{variant}", lambda: pipeline(variant))
 
         def long_chunk() -> None:
             seq = np.random.default_rng(9).integers(0, EOS, size=32767).tolist() + [EOS]
@@ -185,6 +186,32 @@ def main() -> int:
 
         if "long_32k" in stages and left() > 15:
             guarded("long_32k", long_chunk)
+        def stream(flight_k: int | None) -> None:
+            from pipeline.planning import pack_batches
+
+            srt = sorted(docs, key=len)
+            lens = np.array([len(d) for d in srt])
+            plan = [srt[s:e] for s, e in pack_batches(lens, 32768, 256)]
+            default_flight = emb.max_tokens_in_flight
+            if flight_k:
+                emb.max_tokens_in_flight = flight_k * 1024
+            try:
+                t = time.monotonic()
+                n = sum(len(v) for _, v in emb.embed_stream((i, b) for i, b in enumerate(plan)))
+                dt = time.monotonic() - t
+            finally:
+                emb.max_tokens_in_flight = default_flight
+            assert n == len(docs)
+            res.add(stage=f"{args.mode}:embedder_stream" + (f"_f{flight_k}" if flight_k else ""),
+                    tokens=n_tokens, seconds=round(dt, 2), tokens_per_s=round(n_tokens / dt, 1),
+                    padding_waste=0.0, batches=len(plan),
+                    max_tokens_in_flight=flight_k * 1024 if flight_k else default_flight,
+                    ratio_to_raw=round(n_tokens / dt / raw_row["tokens_per_s"], 3) if raw_row else None)
+
+        for variant in [v for v in args.stream_variants.split(",") if v]:
+            if "stream" in stages and left() > 35:
+                guarded(f"stream_{variant}", lambda: stream(int(variant[1:]) if variant != "f" else None))
+
     finally:
         t = time.monotonic()
         emb.close()

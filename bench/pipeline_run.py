@@ -20,10 +20,14 @@ from common import log, rss_now_mib, rss_peak_mib
 
 
 class Borrowed:
-    """An embedder lent to one run: the run's ``close()`` leaves it open for the next one."""
+    """An embedder lent to one run: the run's ``close()`` leaves it open for the next one.
+
+    It also notes when each ``embed_stream`` (the runner opens one per plan window) got its
+    first batch and gave its last result, to show where the run's time went."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+        self.streams: list[list[float]] = []  # [first batch in, last result out]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -32,7 +36,21 @@ class Borrowed:
         return self._inner.embed_batch(batch)
 
     def embed_stream(self, batches: Any) -> Any:
-        return self._inner.embed_stream(batches)
+        span: list[float] = []
+        self.streams.append(span)
+
+        def noted() -> Any:
+            for item in batches:
+                if not span:
+                    span.append(time.monotonic())
+                yield item
+
+        for out in self._inner.embed_stream(noted()):
+            yield out
+            if len(span) == 1:
+                span.append(time.monotonic())
+            else:
+                span[1] = time.monotonic()
 
     def close(self) -> None:
         pass
@@ -45,7 +63,7 @@ class Borrowed:
 
 
 def job_dict(name: str, corpus: Path, model_dir: Path, backend: str, work: Path,
-             token_budget: int = 32768, sort_window: int = 1000, dimension: int | None = 1024,
+             token_budget: int = 32768, sort_window: int = 500, dimension: int | None = 1024,
              model_extra: dict[str, Any] | None = None, max_tokens: int = 8192) -> dict[str, Any]:
     return {
         "name": name,
@@ -65,17 +83,21 @@ def run_pipeline(job: dict[str, Any], work: Path, embedder: Any | None = None) -
     from pipeline.config import load_job
     from pipeline.runner import RunOptions, run_job
     import pipeline.runner as runner
+    # what a fresh `embed-job run` process imports before it starts working: not run time
+    import pipeline.planner  # noqa: F401
+    import pipeline.readers.parquet  # noqa: F401
+    import pipeline.sinks.parquet  # noqa: F401
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     path = work / "job.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     original = runner.make_embedder
-    lent = []
+    lent: list[Borrowed] = []
     if embedder is not None:
         def lend(*args: Any, **kwargs: Any) -> Any:
-            lent.append(True)
-            return Borrowed(embedder)
+            lent.append(Borrowed(embedder))
+            return lent[-1]
         runner.make_embedder = lend
     rss0 = rss_now_mib()
     t0 = time.monotonic()
@@ -99,6 +121,14 @@ def run_pipeline(job: dict[str, Any], work: Path, embedder: Any | None = None) -
         "rss_before_mib": round(rss0, 1), "rss_peak_mib": round(rss_peak_mib(), 1),
         "rss_after_mib": round(rss_now_mib(), 1),
     }
+    spans = [sp for b in lent for sp in b.streams if len(sp) == 2]
+    if spans:
+        # first batch handed to the embedder; time between one window's last result and the
+        # next window's first batch (the embedder is idle then); after the last result
+        out["streams"] = len(spans)
+        out["first_batch_at_s"] = round(spans[0][0] - t0, 2)
+        out["between_windows_s"] = round(sum(b[0] - a[1] for a, b in zip(spans, spans[1:])), 2)
+        out["after_last_result_s"] = round(t0 + wall - spans[-1][1], 2)
     log(f"pipeline {job['name']}: {out}")
     if report.status != "completed":
         raise RuntimeError(f"run ended {report.status}: {report.error}")

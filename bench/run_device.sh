@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, as run on the device machine (H100), from the repository root:
 #
-#   bash bench/run_device.sh [transformers] [sglang] [bf16 fp8 awq]
+#   bash bench/run_device.sh [transformers] [sglang | bf16 fp8 awq]
 #
 # Needs: the SGLang bundle (shared/sglang-device/, or a copy of its activate.sh and archive in
 # .sgl/, carried) for SGLang
@@ -12,7 +12,7 @@ set -u
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-what="${*:-transformers sglang}"
+what="${*:-transformers bf16}"  # all of it: "transformers bf16", then "fp8 awq" (10 min a call)
 T0=$(date +%s)
 
 {
@@ -49,8 +49,8 @@ run_group() {
 }
 
 case " $what " in *" transformers "*)
-  run_group "${TF_LIMIT:-360}" python3 bench/gpu_transformers.py --out "$OUT" \
-    --deadline "$(( ${TF_LIMIT:-360} - 30 ))" > "$OUT/transformers.log" 2>&1
+  run_group "${BENCH_LIMIT_TF:-360}" python3 bench/gpu_transformers.py --out "$OUT" \
+    --deadline "$(( ${BENCH_LIMIT_TF:-360} - 30 ))" ${BENCH_TF_ARGS:-} > "$OUT/transformers.log" 2>&1
   echo "transformers rc=$? after $(( $(date +%s) - T0 ))s"
   grep "^RESULT" "$OUT/transformers.log" | cut -c1-260
   ;; esac
@@ -59,13 +59,17 @@ modes=""
 for m in bf16 fp8 awq; do case " $what " in *" $m "*) modes="$modes $m";; esac; done
 case " $what " in *" sglang "*) [ -z "$modes" ] && modes="bf16 fp8 awq";; esac
 for m in $modes; do
-  stages="raw,stream,pipeline,long_32k"
+  stages="raw,pipeline,long_32k,stream"
   [ "$m" = fp8 ] && stages="raw,pipeline"
   [ "$m" = awq ] && stages="raw"
-  limit="${SGL_LIMIT:-170}"
+  extra=""
+  case "$m" in bf16) stages="${BENCH_STAGES_BF16:-$stages}"; extra="${BENCH_ARGS_BF16:-}";;
+               fp8) stages="${BENCH_STAGES_FP8:-$stages}"; extra="${BENCH_ARGS_FP8:-}";; esac
+  case "$m" in bf16) limit="${BENCH_LIMIT_BF16:-220}";; fp8) limit="${BENCH_LIMIT_FP8:-170}";;
+               *) limit="${BENCH_LIMIT_AWQ:-150}";; esac  # (never name variables SGL_*: SGLang reads them)
   echo "==== sglang $m" >> "$OUT/sglang.log"
   run_group "$limit" python3 bench/gpu_sglang.py --mode "$m" --out "$OUT" --stages "$stages" \
-    --deadline "$(( limit - 15 ))" >> "$OUT/sglang.log" 2>&1
+    --deadline "$(( limit - 15 ))" $extra >> "$OUT/sglang.log" 2>&1
   echo "sglang $m rc=$? after $(( $(date +%s) - T0 ))s"
 done
 grep "^RESULT" "$OUT/sglang.log" 2>/dev/null | cut -c1-260

@@ -142,7 +142,7 @@ class SinkConfig(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     store_text: bool = True
     path: str | None = Field(None, description="parquet: output directory")
-    rows_per_file: int = Field(50_000, gt=0)
+    rows_per_file: int = Field(10_000, gt=0, description="parquet: rows buffered per file")
     retries: int = Field(5, ge=1, description="attempts for a write that fails transiently")
     retry_base_delay_s: float = Field(0.5, ge=0, description="first backoff; doubles, with jitter")
 

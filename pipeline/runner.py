@@ -13,6 +13,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pipeline.faults import fault_point, wrap_embedder
 from pipeline.lock import JobLock
 from pipeline.models import ModelInfo
 from pipeline.planner import build_plan
-from pipeline.planning import PlannedBatch, PlanStore, WindowStats
+from pipeline.planning import PlannedBatch, PlanStore, WindowStats, window_of
 from pipeline.publish import publish_run
 from pipeline.readers import read_documents
 from pipeline.records import DeadLetter
@@ -302,8 +303,25 @@ class _Executor:
     _unfit: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def run(self, windows: Iterator[int]) -> None:
+        """One embedding stream across all windows, so the engine never drains at a window
+        boundary; a window is closed once the first result of a later window comes back."""
         engine = self.engine
         engine.on_unfit, engine.on_budget_change = self._unfit_chunk, self._save_budget
+        opened: deque[int] = deque()  # windows handed to the engine, not yet closed
+        for batch, vectors in engine.run(self._batches(windows, opened)):
+            fault_point("after_embed")
+            self._close_windows(opened, before=window_of(batch.batch_id))
+            self.writer.put(self._to_vector_batch(batch, vectors))
+            self.report.batches_embedded += 1
+            self.report.chunks_embedded += batch.table.num_rows
+            self.report.tokens_embedded += batch.n_tokens
+            self.bar.update(batch.n_tokens)
+        if self.stop.is_set():
+            return
+        self._close_windows(opened, before=None)
+        self.check_dead_letters(final=True)
+
+    def _batches(self, windows: Iterator[int], opened: deque[int]) -> Iterator[PlannedBatch]:
         store = self.ctx.plan_store
         for window in windows:
             if self.stop.is_set():
@@ -313,18 +331,13 @@ class _Executor:
                 self.report.batches_skipped += stats.batches
                 self.bar.update(stats.tokens)
                 continue
-            for batch, vectors in engine.run(self._todo(window)):
-                fault_point("after_embed")
-                self.writer.put(self._to_vector_batch(batch, vectors))
-                self.report.batches_embedded += 1
-                self.report.chunks_embedded += batch.table.num_rows
-                self.report.tokens_embedded += batch.n_tokens
-                self.bar.update(batch.n_tokens)
-            if self.stop.is_set():
-                return
-            self.writer.put(WindowEnd(window))
+            opened.append(window)
+            yield from self._todo(window)
+
+    def _close_windows(self, opened: deque[int], before: int | None) -> None:
+        while opened and (before is None or opened[0] < before):
+            self.writer.put(WindowEnd(opened.popleft()))
             self.check_dead_letters()
-        self.check_dead_letters(final=True)
 
     def _todo(self, window: int) -> Iterator[PlannedBatch]:
         for b in self.ctx.plan_store.batches(window):
