@@ -124,6 +124,9 @@ class BatchingConfig(_Strict):
     token_budget: int = Field(16384, gt=0, description="padded tokens per batch (rows x longest)")
     max_batch_size: int = Field(256, gt=0)
     sort_window: int = Field(200_000, gt=0, description="chunks sorted together (one plan file)")
+    first_window: int = Field(
+        256, gt=0, description="chunks in the first plan window: small, so the engine gets its "
+        "first batch while the rest of the corpus is still being planned")
 
 
 class IndexConfig(_Strict):

@@ -115,7 +115,9 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
                               dead_or_raise, published))
         fault_point("after_chunk")
         # documents skipped as unchanged cost no rows, so bound the window by documents too
-        if len(window.rows) >= batching.sort_window or window.docs >= 4 * batching.sort_window:
+        size = min(batching.first_window, batching.sort_window) if window.window == 0 \
+            else batching.sort_window
+        if len(window.rows) >= size or window.docs >= 4 * size:
             flush()
     if window.docs:
         flush()
