@@ -102,9 +102,3 @@ class _FaultyEmbedder:
     def embed_stream(self, batches):  # type: ignore[no-untyped-def]
         for key, batch in batches:
             yield key, self.embed_batch(batch)
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._inner.close()

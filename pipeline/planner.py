@@ -12,7 +12,6 @@ import itertools
 import json
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,19 +58,14 @@ class SeenIds:
         self._window.clear()
 
 
-@dataclass
-class PlanProgress:
-    docs_read: int
-    complete: bool
-
-
 def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
                batching: BatchingConfig, fingerprint: str, store_text: bool,
                dead_letter: Callable[[DeadLetter], None], on_window: Callable[[WindowStats], None],
                limit: int | None = None, stop: threading.Event | None = None,
                published: Callable[[str], tuple[str, int] | None] | None = None,
-               on_bad_row: str = "dead_letter") -> PlanProgress:
-    """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted.
+               on_bad_row: str = "dead_letter") -> None:
+    """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted;
+    the store's completion marker says which.
 
     With ``published`` (doc id -> stored (hash, chunk count)), a document whose content hash
     is unchanged is recorded as skipped without being tokenized. A duplicate id is a bad row:
@@ -88,7 +82,7 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
     for s in done:
         seen.add_ids(d for d, _, _ in store.doc_records(s.window))
     if limit is not None and doc_offset >= limit:
-        return PlanProgress(docs_read=doc_offset, complete=False)
+        return
     remaining = None if limit is None else limit - doc_offset
     window = WindowBuilder(window=len(done), doc_start=doc_offset)
 
@@ -104,7 +98,7 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
     exhausted = True
     for doc in itertools.islice(docs, doc_offset, None):
         if stop is not None and stop.is_set():
-            return PlanProgress(docs_read=window.doc_start, complete=False)
+            return
         if remaining is not None and remaining <= 0:
             exhausted = False
             break
@@ -123,7 +117,6 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
         flush()
     if exhausted:
         store.mark_complete({"docs": window.doc_start})
-    return PlanProgress(docs_read=window.doc_start, complete=exhausted)
 
 
 def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.checkpoint import read_state
 from pipeline.config import Job
+from pipeline.dead_letters import DeadLetterFile
 from pipeline.planning import PlanStore
 from pipeline.sync_state import SyncState
 
@@ -23,7 +24,7 @@ def job_status(job: Job) -> dict[str, Any]:
         out["state"] = "published"
     else:
         out["state"] = "not started"
-    out["dead_letters"] = _count_lines(job.dead_letter_file)
+    out["dead_letters"] = DeadLetterFile(job.dead_letter_file).count
     return out
 
 
@@ -67,7 +68,3 @@ def _run(run_dir: Path) -> dict[str, Any]:
         "vectors_written": state["vectors_written"] if state else 0,
         "safe_token_budget": state.get("safe_token_budget") if state else None,
     }
-
-
-def _count_lines(path: Path) -> int:
-    return sum(1 for _ in path.open(encoding="utf-8")) if path.exists() else 0
