@@ -22,9 +22,11 @@ THROUGHPUT = [
     ("pipeline_transformers", "**embed-job run**, transformers backend, end to end"),
     ("bf16:raw_engine", "SGLang 0.5.17 raw engine, bf16"),
     ("bf16:embedder_stream", "SGLangEmbedder.embed_stream, bf16"),
-    ("bf16:pipeline", "**embed-job run**, SGLang bf16, end to end"),
+    ("bf16:pipeline", "**embed-job run**, SGLang bf16, end to end (engine lent, warm)"),
+    ("bf16:cli", "**`embed-job run` command**, SGLang bf16, fresh process, after start-up"),
     ("fp8:raw_engine", "SGLang raw engine, fp8 (online, from bf16)"),
-    ("fp8:pipeline", "**embed-job run**, SGLang fp8, end to end"),
+    ("fp8:pipeline", "**embed-job run**, SGLang fp8, end to end (engine lent, warm)"),
+    ("fp8:cli", "**`embed-job run` command**, SGLang fp8, fresh process, after start-up"),
     ("awq:raw_engine", "SGLang raw engine, AWQ 4-bit -> awq_marlin"),
 ]
 
@@ -77,7 +79,7 @@ def main() -> int:
     for key in ("naive_unsorted_b32_longest_batch", "golden_bf16", "attention_check",
                 "packed_compile_startup", "long_32k_packed", "long_32k_hf_sdpa_padded_path",
                 "bf16:engine_start", "fp8:engine_start", "awq:engine_start", "bf16:long_32k",
-                "bf16:import", "model_init"):
+                "bf16:import", "bf16:cli", "fp8:cli", "model_init"):
         if key in rows:
             r = {k: v for k, v in rows[key].items() if k not in ("stage", "time", "engine_kwargs")}
             print(f"- {key}: {json.dumps(r)}")

@@ -89,6 +89,10 @@ class SGLangConfig(_Strict):
     max_tokens_in_flight: int = Field(
         262144, ge=1, description="submit more batches until this many tokens are with the engine "
         "(several prefill passes, so the GPU never waits for the next request)")
+    warmup_tokens: int = Field(
+        8192, ge=0, description="at start, embed a few dummy sequences of up to this many tokens "
+        "so the engine compiles its kernels during start-up (reported with the model load), not "
+        "in the first batches; 0: off")
     extra: dict[str, Any] = Field(default_factory=dict, description="more Engine kwargs")
 
 

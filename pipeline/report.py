@@ -42,7 +42,11 @@ class RunReport:
     dead_letter_file: str = ""
     model_load_s: float = 0.0
     wall_s: float = 0.0
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # tokens embedded / time after the model was loaded
+    # where the embedder stood idle: no planned batch ready (reading/tokenizing is behind), or
+    # the writer's queue full (the sink is behind); both near 0 when the device sets the pace
+    waited_for_plan_s: float = 0.0
+    waited_for_sink_s: float = 0.0
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -71,6 +75,12 @@ class RunReport:
             ("vectors_written", self.vectors_written, "vectors acknowledged by the sink"),
             ("dead_letters", self.dead_letters, "rows and chunks in the dead-letter file"),
             ("wall_seconds", round(self.wall_s, 3), "run time"),
+            ("model_load_seconds", round(self.model_load_s, 3), "model/engine start-up"),
+            ("tokens_per_second", round(self.tokens_per_s, 1), "embedding rate after start-up"),
+            ("waited_for_plan_seconds", round(self.waited_for_plan_s, 3),
+             "embedder idle waiting for planned batches"),
+            ("waited_for_sink_seconds", round(self.waited_for_sink_s, 3),
+             "embedder idle waiting for the sink"),
             ("success", int(self.status == "completed"), "1 if the run completed"),
         ]:
             lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge",
@@ -95,6 +105,8 @@ class RunReport:
             + (f" -> {self.dead_letter_file}" if self.dead_letters else ""),
             f"  time          {self.wall_s:,.1f} s wall, model load {self.model_load_s:,.1f} s, "
             f"{rate} tokens/s",
+            f"  waits         {self.waited_for_plan_s:,.1f} s for the plan (reading, chunking), "
+            f"{self.waited_for_sink_s:,.1f} s for the sink",
         ]
         if self.error:
             lines.append(f"  error         {self.error}")

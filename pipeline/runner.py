@@ -102,6 +102,7 @@ class _Planner:
         self.windows: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.waited_s = 0.0  # consumer time spent waiting for a window to be planned
         self._thread = threading.Thread(target=self._run, name="embed-job-planner", daemon=True)
 
     def start(self) -> "_Planner":
@@ -123,7 +124,12 @@ class _Planner:
             self.windows.put(self._DONE)
 
     def __iter__(self) -> Iterator[WindowStats]:
-        while (item := self.windows.get()) is not self._DONE:
+        while True:
+            t = time.monotonic()
+            item = self.windows.get()
+            self.waited_s += time.monotonic() - t
+            if item is self._DONE:
+                break
             yield item
         self._thread.join()
         if self.error is not None:
@@ -233,6 +239,8 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
             raise
         writer.finish()
         report.tokens_per_s = report.tokens_embedded / max(time.monotonic() - t_exec, 1e-9)
+        report.waited_for_plan_s = planner.waited_s if planner is not None else 0.0
+        report.waited_for_sink_s = writer.waited_s
         if stop.is_set():
             raise Interrupted(getattr(stop, "signum", 2))
         report.plan_complete = store.complete

@@ -56,6 +56,7 @@ class Writer:
         self.on_ack = on_ack
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.waited_s = 0.0  # producer time spent blocked on a full queue (the sink is behind)
         self._inflight: dict[str, VectorBatch] = {}
         self._pending: dict[int, int] = defaultdict(int)
         self._ended: set[int] = set()
@@ -67,14 +68,18 @@ class Writer:
 
     def put(self, item: VectorBatch | WindowEnd) -> None:
         """Hand over an item; raises the writer's error instead of blocking on a dead writer."""
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        t = time.monotonic()
+        try:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                try:
+                    self.queue.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.waited_s += time.monotonic() - t
 
     def finish(self) -> None:
         """Drain the queue, make the sink durable, record the last acknowledgements."""

@@ -122,3 +122,38 @@ def test_limit_runs_a_trial_then_the_rest(tmp_path: Path) -> None:
     second = json.loads((tmp_path / "b.json").read_text())
     assert second["status"] == "completed" and second["docs"] == 10
     assert set(milvus_rows(tmp_path / "out.db", "t")) == expected_pks(job, docs)
+
+
+def test_report_says_whether_the_sink_or_the_plan_held_the_embedder_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow sink shows as time waited for the sink, slow chunking as time waited for the
+    plan: the report tells a user which stage to look at when the device is not the pace."""
+    import time
+
+    from pipeline.sinks.parquet import ParquetSink
+
+    def slowed(cls: type, name: str, seconds: float) -> None:
+        original = getattr(cls, name)
+
+        def slow(self: object, *args: object) -> object:
+            time.sleep(seconds)
+            return original(self, *args)
+        monkeypatch.setattr(cls, name, slow)
+
+    def run(directory: Path) -> dict:
+        job = make_job(directory, demo_docs(12), batching={"max_batch_size": 2, "sort_window": 4},
+                       sink={"kind": "parquet", "path": "vectors", "uri": None})
+        result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report",
+                                           str(directory / "r.json")])
+        assert result.exit_code == 0, result.output
+        return json.loads((directory / "r.json").read_text())
+
+    slowed(ParquetSink, "write", 0.15)
+    sink_bound = run(tmp_path / "slow-sink")
+    monkeypatch.undo()
+    slowed(Chunker, "chunk", 0.3)
+    plan_bound = run(tmp_path / "slow-plan")
+
+    assert sink_bound["batches"] >= 10
+    assert sink_bound["waited_for_sink_s"] > 0.5 > sink_bound["waited_for_plan_s"]
+    assert plan_bound["waited_for_plan_s"] > 1.0 > plan_bound["waited_for_sink_s"]

@@ -82,7 +82,8 @@ def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 def start(qwen3_dir: Path, **cfg: Any) -> SGLangEmbedder:
-    return SGLangEmbedder(read_model_info(qwen3_dir), SGLangConfig(**cfg))
+    """An embedder without the start-up warm-up, so the engine's records hold only the test's."""
+    return SGLangEmbedder(read_model_info(qwen3_dir), SGLangConfig(**{"warmup_tokens": 0, **cfg}))
 
 
 def test_engine_started_once_with_the_embedding_contract(sglang: ModuleType, qwen3_dir: Path,
@@ -102,6 +103,17 @@ def test_engine_started_once_with_the_embedding_contract(sglang: ModuleType, qwe
     assert (emb.name, emb.native_dim, emb.max_context) == ("tiny-qwen3", 64, 32767)
     emb.close()
     assert engine.shutdown_calls == 1
+
+
+def test_warm_up_runs_once_at_start_up_within_the_context(sglang: ModuleType,
+                                                         qwen3_dir: Path) -> None:
+    """Kernels compile on the first request: one batch at start, long to short, so the first
+    planned batches run at full speed; it is capped by the context and can be turned off."""
+    start(qwen3_dir, warmup_tokens=8192, context_length=2048).close()
+    start(qwen3_dir, warmup_tokens=0).close()
+    warmed, cold = sglang.ENGINES
+    assert [[len(seq) for seq in r] for r in warmed.requests] == [[2047, 1024, 128, 16]]
+    assert cold.requests == []
 
 
 def test_job_settings_reach_the_engine(sglang: ModuleType, qwen3_dir: Path) -> None:

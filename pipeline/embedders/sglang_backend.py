@@ -142,6 +142,8 @@ class SGLangEmbedder(Embedder):
             kill_process_tree(os.getpid(), include_parent=False)
             raise RuntimeError(f"SGLang engine failed to start for {info.path}: "
                                f"{type(e).__name__}: {e}") from e
+        if sglang_cfg.warmup_tokens:
+            self._warm_up(min(sglang_cfg.warmup_tokens, self.max_context))
 
     @property
     def engine(self) -> Any:
@@ -195,6 +197,17 @@ class SGLangEmbedder(Embedder):
             self._loop_thread.stop()
             self._loop_thread = None
         engine.shutdown()
+
+    def _warm_up(self, longest: int) -> None:
+        """One batch of dummy sequences, long to short: on a fresh machine SGLang's triton
+        kernels compile on first use (about a minute on an H100), which belongs to start-up,
+        not to the first batches' throughput."""
+        lengths = sorted({longest, min(longest, 1024), min(longest, 128), min(longest, 16)},
+                         reverse=True)
+        try:
+            self.embed_batch([[0] * n for n in lengths])
+        except RuntimeError as e:
+            raise RuntimeError(f"SGLang engine warm-up failed: {e}") from e
 
     def _live_engine(self) -> Any:
         if self._engine is None:
