@@ -63,16 +63,18 @@ class Borrowed:
 
 
 def job_dict(name: str, corpus: Path, model_dir: Path, backend: str, work: Path,
-             token_budget: int = 32768, sort_window: int = 500, dimension: int | None = 1024,
-             model_extra: dict[str, Any] | None = None, max_tokens: int = 8192) -> dict[str, Any]:
+             token_budget: int | None = 32768, sort_window: int | None = 500,
+             dimension: int | None = 1024, model_extra: dict[str, Any] | None = None,
+             max_tokens: int = 8192) -> dict[str, Any]:
+    """The bench's job; a batching setting given as None is left at the product's default."""
+    batching = {"token_budget": token_budget, "sort_window": sort_window}
     return {
         "name": name,
         "source": {"kind": "parquet", "path": str(corpus), "id_field": "id", "text_field": "text"},
         "chunking": {"max_tokens": max_tokens},
         "model": {"backend": backend, "path": str(model_dir), "dimension": dimension,
                   **(model_extra or {})},
-        "batching": {"token_budget": token_budget, "max_batch_size": 256,
-                     "sort_window": sort_window},
+        "batching": {k: v for k, v in batching.items() if v is not None},
         "sink": {"kind": "parquet", "path": str(work / "vectors")},
         "checkpoint_dir": str(work / "checkpoint"),
     }

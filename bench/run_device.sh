@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, as run on the device machine (H100), from the repository root:
 #
-#   bash bench/run_device.sh [transformers] [sglang | bf16 fp8 awq]
+#   bash bench/run_device.sh [transformers] [rss] [sglang | bf16 fp8 awq]
 #
 # Needs: the SGLang bundle (shared/sglang-device/, or a copy of its activate.sh and archive in
 # .sgl/, carried) for SGLang
@@ -55,6 +55,13 @@ case " $what " in *" transformers "*)
   grep "^RESULT" "$OUT/transformers.log" | cut -c1-260
   ;; esac
 
+case " $what " in *" rss "*)
+  run_group "${BENCH_LIMIT_RSS:-420}" python3 bench/rss_scaling.py --device cuda \
+    --copies "${BENCH_RSS_COPIES:-1,10}" --out "$OUT/rss.jsonl" > "$OUT/rss.log" 2>&1
+  echo "rss rc=$? after $(( $(date +%s) - T0 ))s"
+  tail -6 "$OUT/rss.log"
+  ;; esac
+
 modes=""
 for m in bf16 fp8 awq; do case " $what " in *" $m "*) modes="$modes $m";; esac; done
 case " $what " in *" sglang "*) [ -z "$modes" ] && modes="bf16 fp8 awq";; esac
@@ -74,5 +81,5 @@ for m in $modes; do
 done
 grep "^RESULT" "$OUT/sglang.log" 2>/dev/null | cut -c1-260
 
-python3 bench/table.py "$OUT/results.jsonl" | tee "$OUT/table.md"
+[ -s "$OUT/results.jsonl" ] && python3 bench/table.py "$OUT/results.jsonl" | tee "$OUT/table.md"
 echo "total $(( $(date +%s) - T0 ))s"

@@ -33,11 +33,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_name(path)
     try:
         yield tmp
-        _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, path)
+        commit_temp(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def commit_temp(tmp: Path, path: Path) -> None:
+    """Make a finished temp file ``path``: fsync it, rename it over ``path``, fsync the
+    directory. For writers that keep a temp file open across calls (see ``atomic_path``)."""
+    _fsync(tmp, os.O_RDONLY)
+    os.replace(tmp, path)
     _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
 
 

@@ -127,7 +127,12 @@ class BatchingConfig(_Strict):
 
     token_budget: int = Field(16384, gt=0, description="padded tokens per batch (rows x longest)")
     max_batch_size: int = Field(256, gt=0)
-    sort_window: int = Field(200_000, gt=0, description="chunks sorted together (one plan file)")
+    sort_window: int = Field(50_000, gt=0, description="chunks sorted together at most (one "
+                             "plan file)")
+    window_tokens: int = Field(
+        2_097_152, gt=0, description="tokens sorted together at most: with sort_window, bounds "
+        "the host memory a plan window takes (token ids and text), whatever the chunk sizes and "
+        "however large the corpus")
     first_window: int = Field(
         256, gt=0, description="chunks in the first plan window: small, so the engine gets its "
         "first batch while the rest of the corpus is still being planned")

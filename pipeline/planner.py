@@ -111,7 +111,8 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
         # documents skipped as unchanged cost no rows, so bound the window by documents too
         size = min(batching.first_window, batching.sort_window) if window.window == 0 \
             else batching.sort_window
-        if len(window.rows) >= size or window.docs >= 4 * size:
+        if (len(window.rows) >= size or window.tokens >= batching.window_tokens
+                or window.docs >= 4 * size):
             flush()
     if window.docs:
         flush()

@@ -131,6 +131,7 @@ class WindowBuilder:
     doc_start: int
     rows: list[PlanRow] = field(default_factory=list)
     doc_records: list[tuple[str, str, int]] = field(default_factory=list)
+    tokens: int = 0
 
     @property
     def docs(self) -> int:
@@ -140,6 +141,7 @@ class WindowBuilder:
         """A document's rows and its (id, hash, chunk count) record; -1 chunks = unchanged."""
         self.rows.extend(rows)
         self.doc_records.append(record)
+        self.tokens += sum(len(r.token_ids) for r in rows)
 
     def build(self, token_budget: int, max_batch_size: int) -> tuple[pa.Table, WindowStats]:
         lengths = np.fromiter((len(r.token_ids) for r in self.rows), dtype=np.int64,

@@ -223,7 +223,7 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
             SafeBudget(checkpoint.safe_token_budget, ceiling=job.batching.token_budget))
         report.model_load_s = time.monotonic() - t_model
         t_exec = time.monotonic()
-        writer = Writer(sink, checkpoint, lambda b: _count_ack(report, b),
+        writer = Writer(sink, checkpoint, lambda rows: _count_ack(report, rows),
                         attempts=job.sink.retries, base_delay=job.sink.retry_base_delay_s).start()
         try:
             try:
@@ -272,8 +272,8 @@ def _describe_sink(job: Job, target: str) -> str:
     return f"{where} collection {target} (alias {job.collection_name})"
 
 
-def _count_ack(report: RunReport, batch: VectorBatch) -> None:
-    report.vectors_written += len(batch)
+def _count_ack(report: RunReport, rows: int) -> None:
+    report.vectors_written += rows
 
 
 def _add_window(report: RunReport, s: WindowStats) -> None:

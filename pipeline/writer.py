@@ -48,7 +48,7 @@ def with_retries(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.5
 class Writer:
     """Consumes VectorBatches and WindowEnds from a bounded queue."""
 
-    def __init__(self, sink: Sink, checkpoint: Checkpoint, on_ack: Callable[[VectorBatch], None],
+    def __init__(self, sink: Sink, checkpoint: Checkpoint, on_ack: Callable[[int], None],
                  depth: int = 4, attempts: int = 5, base_delay: float = 0.5) -> None:
         self.sink = sink
         self.attempts, self.base_delay = attempts, base_delay
@@ -57,7 +57,8 @@ class Writer:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.waited_s = 0.0  # producer time spent blocked on a full queue (the sink is behind)
-        self._inflight: dict[str, VectorBatch] = {}
+        # batch id -> rows, until the sink acknowledges it (the sink holds the data meanwhile)
+        self._inflight: dict[str, int] = {}
         self._pending: dict[int, int] = defaultdict(int)
         self._ended: set[int] = set()
         self._thread = threading.Thread(target=self._loop, name="embed-job-writer", daemon=True)
@@ -95,7 +96,7 @@ class Writer:
                     self._ended.add(item.window)
                     self._close_finished()
                 else:
-                    self._inflight[item.batch_id] = item
+                    self._inflight[item.batch_id] = len(item)
                     self._pending[window_of(item.batch_id)] += 1
                     self._acked(self._retrying(lambda: self._write(item)))
             self._acked(self._retrying(self.sink.on_write_complete))
@@ -120,12 +121,12 @@ class Writer:
     def _acked(self, batch_ids: list[str]) -> None:
         if not batch_ids:
             return
-        batches = [self._inflight.pop(b) for b in batch_ids]
-        self.checkpoint.record(batch_ids, sum(len(b) for b in batches))
+        rows = [self._inflight.pop(b) for b in batch_ids]
+        self.checkpoint.record(batch_ids, sum(rows))
         fault_point("after_ack")
-        for b in batches:
-            self._pending[window_of(b.batch_id)] -= 1
-            self.on_ack(b)
+        for batch_id, n in zip(batch_ids, rows):
+            self._pending[window_of(batch_id)] -= 1
+            self.on_ack(n)
         self._close_finished()
 
     def _close_finished(self) -> None:

@@ -21,7 +21,7 @@ def test_validate_prints_the_resolved_job(tmp_path: Path) -> None:
     result = invoke("validate", str(job))
     assert result.exit_code == 0, result.output
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["batching"]["sort_window"] == 200_000  # defaults filled in
+    assert resolved["batching"]["sort_window"] == 50_000  # defaults filled in
     assert resolved["chunking"]["over_length"] == "split"
 
 

@@ -86,3 +86,28 @@ def test_split_to_fit_and_safe_budget() -> None:
     for _ in range(31):
         assert not budget.succeeded()
     assert budget.succeeded() and budget.limit == 500  # grows back by a quarter
+
+
+def test_windows_are_bounded_by_tokens_whatever_the_chunk_count(tmp_path: Path,
+                                                                 minilm_dir: Path) -> None:
+    """Host memory follows the window, so a window is cut by tokens as well as by chunks: long
+    chunks cannot make a window of sort_window chunks arbitrarily large."""
+    from conftest import demo_docs
+    from pipeline.chunking import Chunker, ModelTokenizer
+    from pipeline.config import BatchingConfig, ChunkingConfig
+    from pipeline.planner import build_plan
+    from pipeline.records import Document
+
+    docs = [Document(d["id"], d["text"], f"demo:{i}") for i, d in enumerate(demo_docs(30))]
+    chunker = Chunker(ModelTokenizer.from_model_dir(minilm_dir, "mean"),
+                      ChunkingConfig(max_tokens=256), 512)
+    store = PlanStore(tmp_path / "plan")
+    windows: list = []
+    build_plan(iter(docs), chunker, store, BatchingConfig(window_tokens=2000, first_window=10_000),
+               "fp", False, lambda letter: None, windows.append)
+    longest_doc = max(sum(c.n_tokens for c in chunker.chunk(d)) for d in docs)
+    assert store.complete and len(windows) >= 4
+    assert sum(w.docs for w in windows) == len(docs)
+    # a window closes at the first document that takes it to the bound
+    assert all(w.tokens < 2000 + longest_doc for w in windows)
+    assert all(w.tokens >= 2000 for w in windows[:-1])

@@ -56,6 +56,30 @@ def test_acks_only_when_the_file_is_written(tmp_path: Path) -> None:
         "part-b000.parquet", "part-b002.parquet", "part-b004.parquet"]  # no temp left
 
 
+def test_a_file_is_streamed_in_row_groups_and_renamed_when_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory is one row group, not one file: row groups go to a hidden temp file as they fill,
+    the file appears under its name (and its batches are acknowledged) only when finished."""
+    import pipeline.sinks.parquet as parquet_sink
+
+    bs = batches(6)
+    monkeypatch.setattr(parquet_sink, "ROW_GROUP_BYTES", 1)  # every batch fills a group
+    out = tmp_path / "out"
+    sink = open_sink(out, rows_per_file=12)
+    assert sink.write(bs[0]) == [] and sink.write(bs[1]) == []
+    (temp,) = out.iterdir()  # two row groups written, not yet a file
+    assert temp.name.startswith(".part-b000.parquet.") and temp.name.endswith(".tmp")
+    assert sink.write(bs[2]) == ["b000", "b001", "b002"]
+    assert [p.name for p in out.iterdir()] == ["part-b000.parquet"]
+    sink.write(bs[3])
+    sink.on_write_failed(RuntimeError("the run failed"))  # the open file's temp is removed
+    assert [p.name for p in out.iterdir()] == ["part-b000.parquet"]
+    sink.close()
+    f = pq.ParquetFile(out / "part-b000.parquet")
+    assert f.metadata.num_row_groups == 3
+    assert f.read().column("pk").to_pylist() == bs[0].pks + bs[1].pks + bs[2].pks
+
+
 def test_schema_and_contents(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run(out)
@@ -66,7 +90,8 @@ def test_schema_and_contents(tmp_path: Path) -> None:
                                   "vector"]
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert {k: meta[k] for k in ("model", "fingerprint", "dimension")} == {**META, "dimension": "8"}
-    assert json.loads(meta["batch_ids"]) == ["b000", "b001"]
+    file_meta = pq.ParquetFile(out / "part-b000.parquet").metadata.metadata
+    assert json.loads(file_meta[b"batch_ids"]) == ["b000", "b001"]
     b0, b1 = batches()[:2]
     assert table.column("pk").to_pylist() == b0.pks + b1.pks
     vectors = np.array(table.column("vector").to_pylist(), dtype=np.float32)

@@ -4,7 +4,8 @@ A file is named ``part-<first batch id>.parquet``. Batches arrive in plan order 
 resume, the first unacknowledged batch starts a new file, so a redone file gets the same name
 and replaces the old one: no duplicates. Batch ids are acknowledged only once their file has
 been renamed into place. The columns match the Milvus sink's schema so the files can be
-bulk-imported; dimension, batch ids and the caller's model info go into the file metadata.
+bulk-imported; dimension and the caller's model info go into the schema metadata, the batch ids
+a file holds into its file-level key-value metadata (known only when it is finished).
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.atomic import TEMP_SUFFIX, atomic_path, commit_temp, temp_name
 from pipeline.errors import SinkError
-from pipeline.atomic import TEMP_SUFFIX, atomic_path
 from pipeline.sinks.base import Sink, VectorBatch
 from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+T = TypeVar("T")
 
 
 CURRENT = "CURRENT"
@@ -44,8 +47,17 @@ def current_version(root: Path) -> Path | None:
     return root / json.loads(pointer.read_text())["version"]
 
 
+# rows are written to the open file in row groups of about this size, so the sink holds at
+# most one row group in memory however many rows a file gets
+ROW_GROUP_BYTES = 32 * 2**20
+
+
 class ParquetSink(Sink):
     """Vectors into a directory of Parquet files of about ``rows_per_file`` rows each.
+
+    A file is written row group by row group to a temp file and renamed to its deterministic
+    name when full; its batches are acknowledged then, so a killed run redoes at most the
+    batches of the file it was writing, and a redone file replaces, never duplicates.
 
     Each run writes a new version directory under ``root``; ``publish`` flips the root's
     ``CURRENT`` pointer (an atomic rename) so readers switch versions in one step. An
@@ -70,8 +82,7 @@ class ParquetSink(Sink):
         self.file_metadata = dict(file_metadata or {})
         self.dimension: int | None = None
         self._schema: pa.Schema | None = None
-        self._pending: list[tuple[str, pa.RecordBatch]] = []
-        self._rows = 0
+        self._file: _OpenFile | None = None
 
     def on_write_start(self, dimension: int) -> None:
         """Create the directory and sweep temp files a killed run left behind."""
@@ -84,17 +95,22 @@ class ParquetSink(Sink):
         self._remove_temps()
 
     def write(self, batch: VectorBatch) -> list[str]:
-        """Buffer the batch; when the file is full write it and acknowledge all its batches."""
-        if not self._pending and not _SAFE_ID.match(batch.batch_id):
-            raise SinkError(f"parquet {self.directory}: batch id {batch.batch_id!r} cannot name "
-                            "a file")
-        self._pending.append((batch.batch_id, self._record_batch(batch)))
-        self._rows += len(batch)
-        return self._write_file() if self._rows >= self.rows_per_file else []
+        """Add the batch to the open file; when the file is full, finish it and acknowledge
+        all its batches."""
+        record = self._record_batch(batch)
+        if self._file is None:
+            if not _SAFE_ID.match(batch.batch_id):
+                raise SinkError(f"parquet {self.directory}: batch id {batch.batch_id!r} cannot "
+                                "name a file")
+            self._file = _OpenFile(self.directory / part_name(batch.batch_id, self.file_prefix))
+        self._file.add(batch.batch_id, record)
+        if self._file.buffered_bytes >= ROW_GROUP_BYTES:
+            self._guarded(self._file.flush_group, self._schema_with_metadata())
+        return self._finish_file() if self._file.rows >= self.rows_per_file else []
 
     def on_write_complete(self) -> list[str]:
-        """Write the last, partial file."""
-        return self._write_file() if self._pending else []
+        """Finish the last, partial file."""
+        return self._finish_file() if self._file is not None else []
 
     def on_write_failed(self, error: BaseException) -> None:
         """Drop the unacknowledged buffer (its batches will be redone) and any temp file."""
@@ -170,27 +186,85 @@ class ParquetSink(Sink):
         return pa.RecordBatch.from_arrays([columns[n] for n in self._schema.names],
                                           schema=self._schema)
 
-    def _write_file(self) -> list[str]:
-        ids = [batch_id for batch_id, _ in self._pending]
-        path = self.directory / part_name(ids[0], self.file_prefix)
-        metadata = {**self.file_metadata, "dimension": str(self.dimension),
-                    "batch_ids": json.dumps(ids)}
-        table = pa.Table.from_batches([rb for _, rb in self._pending], schema=self._schema)
-        try:
-            with atomic_path(path) as tmp:
-                pq.write_table(table.replace_schema_metadata(metadata), tmp)
-        except OSError as e:
-            raise SinkError(f"parquet {path}: {e}") from e
-        self._discard()
+    def _schema_with_metadata(self) -> pa.Schema:
+        assert self._schema is not None
+        return self._schema.with_metadata({**self.file_metadata, "dimension": str(self.dimension)})
+
+    def _finish_file(self) -> list[str]:
+        assert self._file is not None
+        ids = self._guarded(self._file.finish, self._schema_with_metadata())
+        self._file = None
         return ids
 
+    def _guarded(self, step: Callable[[pa.Schema], T], schema: pa.Schema) -> T:
+        """A disk error drops the open file (its batches are not acknowledged: they are
+        written again) and becomes a SinkError naming the file."""
+        assert self._file is not None
+        try:
+            return step(schema)
+        except OSError as e:
+            path = self._file.path
+            self._discard()
+            raise SinkError(f"parquet {path}: {e}") from e
+
     def _discard(self) -> None:
-        self._pending.clear()
-        self._rows = 0
+        if self._file is not None:
+            self._file.abandon()
+            self._file = None
 
     def _remove_temps(self) -> None:
         for tmp in self.directory.glob(f".part-*.parquet.*{TEMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
+
+
+class _OpenFile:
+    """One output file being written: row groups go to a temp file, renamed when finished."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = temp_name(path)
+        self.batch_ids: list[str] = []
+        self.rows = 0
+        self._group: list[pa.RecordBatch] = []
+        self._writer: pq.ParquetWriter | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(rb.nbytes for rb in self._group)
+
+    def add(self, batch_id: str, record: pa.RecordBatch) -> None:
+        self.batch_ids.append(batch_id)
+        self._group.append(record)
+        self.rows += record.num_rows
+
+    def flush_group(self, schema: pa.Schema) -> None:
+        if not self._group:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.tmp, schema)
+        self._writer.write_table(pa.Table.from_batches(self._group, schema=schema))
+        self._group.clear()
+
+    def finish(self, schema: pa.Schema) -> list[str]:
+        """Write what is buffered, close, rename into place; the batch ids it holds."""
+        self.flush_group(schema)
+        assert self._writer is not None
+        # which batches the file holds, for provenance (file-level key-value metadata)
+        self._writer.add_key_value_metadata({"batch_ids": json.dumps(self.batch_ids)})
+        self._writer.close()
+        self._writer = None
+        commit_temp(self.tmp, self.path)
+        return self.batch_ids
+
+    def abandon(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except OSError:
+                pass
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+        self._group.clear()
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
