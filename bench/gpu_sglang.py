@@ -67,6 +67,9 @@ def main() -> int:
                     "reported as 'pipeline'")
     ap.add_argument("--stream-variants", default="f",
                     help="comma-separated f (default in-flight) or f<K tokens in flight>")
+    ap.add_argument("--cli-copies", type=int, default=1,
+                    help="the cli stage runs on this many copies of the corpus (a longer run, "
+                    "whose later windows are planned while earlier ones embed)")
     ap.add_argument("--model-dir", default=None, help="use this model dir (CPU rehearsal with "
                     "tests/standins on PYTHONPATH and a tiny model)")
     args = ap.parse_args()
@@ -230,8 +233,13 @@ def main() -> int:
         run_dir = work / f"cli-{args.mode}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        job = job_dict(f"cli_sglang_{args.mode}", corpus, model_dir, "sglang", run_dir,
-                       dimension=min(1024, info.hidden_size), sort_window=500,
+        source = corpus
+        if args.cli_copies > 1:
+            source = work / f"corpus-x{args.cli_copies}.parquet"
+            if not source.exists():
+                write_corpus(source, docs, copies=args.cli_copies)
+        job = job_dict(f"cli_sglang_{args.mode}", source, model_dir, "sglang", run_dir,
+                       dimension=min(1024, info.hidden_size), token_budget=None, sort_window=None,
                        model_extra={"sglang": {"quantization": cfg.quantization,
                                                "extra": {"load_format": "dummy"}}})
         (run_dir / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
@@ -243,7 +251,9 @@ def main() -> int:
         if proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-1500:]}")
         r = json.loads((run_dir / "report.json").read_text())
-        res.add(stage=f"{args.mode}:cli", tokens=r["tokens_embedded"], process_wall_s=round(wall, 2),
+        res.add(stage=f"{args.mode}:cli" + (f"_x{args.cli_copies}" if args.cli_copies > 1 else ""),
+                corpus_copies=args.cli_copies, tokens=r["tokens_embedded"],
+                process_wall_s=round(wall, 2),
                 run_wall_s=round(r["wall_s"], 2), model_load_s=round(r["model_load_s"], 2),
                 tokens_per_s=round(r["tokens_per_s"], 1),
                 ratio_to_raw=round(r["tokens_per_s"] / raw_row["tokens_per_s"], 3) if raw_row else None,

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,19 @@ def child(work: Path, device: str, copies: int, window: str, rows_per_file: int 
                    dimension=1024 if device == "cuda" else 64, model_extra=model_extra)
     if rows_per_file:
         job["sink"]["rows_per_file"] = rows_per_file
+    samples: list[float] = []  # RSS every 0.5 s: the level between peaks, not only the peak
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            samples.append(rss_now_mib())
+
+    threading.Thread(target=sample, daemon=True).start()
     r = run_pipeline(job, run_dir)
+    done.set()
     row = {"device": device, "copies": copies, "sort_window": window, "rows_per_file": rows_per_file,
            "rss_start_mib": round(rss0, 1), "rss_peak_mib": round(rss_peak_mib(), 1),
+           "rss_median_mib": round(statistics.median(samples), 1) if samples else None,
            **{k: r[k] for k in ("tokens", "chunks", "batches", "wall_s", "model_load_s",
                                 "tokens_per_s", "runner_tokens_per_s")}}
     print("RSS " + json.dumps(row), flush=True)
@@ -134,14 +146,14 @@ def main() -> int:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
     print(f"\ndevice {args.device}; sink rows_per_file: {args.rows_per_file or 'default'}")
-    print("| corpus | chunks | tokens | sort_window | peak RSS | vs 1x | tokens/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| corpus | chunks | tokens | sort_window | peak RSS | vs 1x | median RSS | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
     base = {r["sort_window"]: r["rss_peak_mib"] for r in rows if r["copies"] == 1}
     for r in rows:
         ratio = r["rss_peak_mib"] / base[r["sort_window"]] if r["sort_window"] in base else None
         print(f"| {r['copies']}x | {r['chunks']:,} | {r['tokens']:,} | {r['sort_window']} | "
               f"{r['rss_peak_mib']:,.0f} MiB | {f'{ratio:.2f}x' if ratio else '—'} | "
-              f"{r['runner_tokens_per_s']:,.0f} |")
+              f"{r['rss_median_mib'] or 0:,.0f} MiB | {r['runner_tokens_per_s']:,.0f} |")
     return 0
 
 

@@ -24,6 +24,7 @@ THROUGHPUT = [
     ("bf16:embedder_stream", "SGLangEmbedder.embed_stream, bf16"),
     ("bf16:pipeline", "**embed-job run**, SGLang bf16, end to end (engine lent, warm)"),
     ("bf16:cli", "**`embed-job run` command**, SGLang bf16, fresh process, after start-up"),
+    ("bf16:cli_x5", "**`embed-job run` command**, SGLang bf16, 5x corpus, fresh process, after start-up"),
     ("fp8:raw_engine", "SGLang raw engine, fp8 (online, from bf16)"),
     ("fp8:pipeline", "**embed-job run**, SGLang fp8, end to end (engine lent, warm)"),
     ("fp8:cli", "**`embed-job run` command**, SGLang fp8, fresh process, after start-up"),
