@@ -102,10 +102,11 @@ class ParquetSink(Sink):
             if not _SAFE_ID.match(batch.batch_id):
                 raise SinkError(f"parquet {self.directory}: batch id {batch.batch_id!r} cannot "
                                 "name a file")
-            self._file = _OpenFile(self.directory / part_name(batch.batch_id, self.file_prefix))
+            self._file = _OpenFile(self.directory / part_name(batch.batch_id, self.file_prefix),
+                                   self._schema_with_metadata())
         self._file.add(batch.batch_id, record)
         if self._file.buffered_bytes >= ROW_GROUP_BYTES:
-            self._guarded(self._file.flush_group, self._schema_with_metadata())
+            self._guarded(self._file.flush_group)
         return self._finish_file() if self._file.rows >= self.rows_per_file else []
 
     def on_write_complete(self) -> list[str]:
@@ -192,16 +193,16 @@ class ParquetSink(Sink):
 
     def _finish_file(self) -> list[str]:
         assert self._file is not None
-        ids = self._guarded(self._file.finish, self._schema_with_metadata())
+        ids = self._guarded(self._file.finish)
         self._file = None
         return ids
 
-    def _guarded(self, step: Callable[[pa.Schema], T], schema: pa.Schema) -> T:
+    def _guarded(self, step: Callable[[], T]) -> T:
         """A disk error drops the open file (its batches are not acknowledged: they are
         written again) and becomes a SinkError naming the file."""
         assert self._file is not None
         try:
-            return step(schema)
+            return step()
         except OSError as e:
             path = self._file.path
             self._discard()
@@ -220,8 +221,9 @@ class ParquetSink(Sink):
 class _OpenFile:
     """One output file being written: row groups go to a temp file, renamed when finished."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
+        self.schema = schema
         self.tmp = temp_name(path)
         self.batch_ids: list[str] = []
         self.rows = 0
@@ -237,17 +239,17 @@ class _OpenFile:
         self._group.append(record)
         self.rows += record.num_rows
 
-    def flush_group(self, schema: pa.Schema) -> None:
+    def flush_group(self) -> None:
         if not self._group:
             return
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, schema)
-        self._writer.write_table(pa.Table.from_batches(self._group, schema=schema))
+            self._writer = pq.ParquetWriter(self.tmp, self.schema)
+        self._writer.write_table(pa.Table.from_batches(self._group, schema=self.schema))
         self._group.clear()
 
-    def finish(self, schema: pa.Schema) -> list[str]:
+    def finish(self) -> list[str]:
         """Write what is buffered, close, rename into place; the batch ids it holds."""
-        self.flush_group(schema)
+        self.flush_group()
         assert self._writer is not None
         # which batches the file holds, for provenance (file-level key-value metadata)
         self._writer.add_key_value_metadata({"batch_ids": json.dumps(self.batch_ids)})
