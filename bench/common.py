@@ -110,6 +110,29 @@ def write_model_dir(path: Path, quant: str | None = None, config: dict[str, Any]
     return path
 
 
+def random_model_for(model_dir: Path, device: Any) -> Any:
+    """Random bf16 weights of ``model_dir``'s config, built on ``device`` (seed 0), and served by
+    every ``AutoModel.from_pretrained(model_dir)`` from now on, so the product's own loading
+    path runs without 8 GB of weights written to disk and read back."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir),
+                                      dtype=torch.bfloat16).eval()
+    model.to(torch.bfloat16)
+    original = AutoModel.from_pretrained
+
+    def from_pretrained(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).resolve() == model_dir.resolve():
+            return model
+        return original(path, *args, **kwargs)
+
+    AutoModel.from_pretrained = from_pretrained  # type: ignore[method-assign]
+    return model
+
+
 def write_corpus(path: Path, docs: list[list[int]], copies: int = 1) -> Path:
     """The documents as a Parquet file (id, text); ``copies`` repeats the corpus under new ids."""
     import pyarrow as pa

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (EOS, QWEN3_EMBEDDING_4B, Results, import_datasets_or_stub, log,  # noqa: E402
-                    make_docs, rss_peak_mib, write_corpus, write_model_dir)
+                    make_docs, random_model_for, rss_peak_mib, write_corpus, write_model_dir)
 
 T0 = time.monotonic()
 
@@ -113,28 +113,13 @@ def main() -> int:
     from transformers import AutoConfig, AutoModel
 
     t = time.monotonic()
-    torch.manual_seed(0)
     hf_cfg = AutoConfig.from_pretrained(model_dir)
-    with torch.device(device):
-        try:
-            model = AutoModel.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-        except TypeError:  # an older transformers spells it torch_dtype
-            model = AutoModel.from_config(hf_cfg, torch_dtype=torch.bfloat16).eval()
-    model.to(torch.bfloat16)
+    # every AutoModel.from_pretrained of the bench model dir gets this model (random weights)
+    model = random_model_for(model_dir, device)
     torch.cuda.synchronize() if device.type == "cuda" else None
     res.add(stage="model_init", seconds=round(time.monotonic() - t, 1),
             params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
             attn_impl=model.config._attn_implementation)
-
-    # every AutoModel.from_pretrained of the bench model dir gets this model (random weights)
-    original_from_pretrained = AutoModel.from_pretrained
-
-    def from_pretrained(path: Any, *a: Any, **kw: Any) -> Any:
-        if Path(path).resolve() == model_dir.resolve():
-            return model
-        return original_from_pretrained(path, *a, **kw)
-
-    AutoModel.from_pretrained = from_pretrained  # type: ignore[method-assign]
 
     from pipeline.embedders.packed import reference_varlen_attention, varlen_attention
     from pipeline.embedders.transformers_backend import TransformersEmbedder

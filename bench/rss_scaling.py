@@ -34,33 +34,15 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_atte
             num_key_value_heads=2, head_dim=16)
 
 
-def lend_random_model(model_dir: Path) -> None:
-    """Make the product's ``AutoModel.from_pretrained(model_dir)`` return random 4B weights built
-    on the GPU (8 GB of bf16 need not be written to disk and read back)."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir),
-                                      dtype=torch.bfloat16).eval()
-    original = AutoModel.from_pretrained
-
-    def from_pretrained(path: Any, *args: Any, **kwargs: Any) -> Any:
-        return model if Path(path).resolve() == model_dir.resolve() else original(path, *args, **kwargs)
-
-    AutoModel.from_pretrained = from_pretrained  # type: ignore[method-assign]
-
-
 def child(work: Path, device: str, copies: int, window: str, rows_per_file: int | None) -> None:
-    from common import import_datasets_or_stub, rss_now_mib, rss_peak_mib
+    from common import import_datasets_or_stub, random_model_for, rss_now_mib, rss_peak_mib
     import_datasets_or_stub()
     from pipeline_run import job_dict, run_pipeline
 
     model_dir = work / ("qwen3-4b" if device == "cuda" else "tiny")
     rss0 = rss_now_mib()
     if device == "cuda":
-        lend_random_model(model_dir)
+        random_model_for(model_dir, "cuda")
         model_extra: dict[str, Any] = {}
     else:
         model_extra = {"device": "cpu", "dtype": "float32"}

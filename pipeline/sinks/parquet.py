@@ -103,7 +103,7 @@ class ParquetSink(Sink):
                 raise SinkError(f"parquet {self.directory}: batch id {batch.batch_id!r} cannot "
                                 "name a file")
             self._file = _OpenFile(self.directory / part_name(batch.batch_id, self.file_prefix),
-                                   self._schema_with_metadata())
+                                   self._schema)
         self._file.add(batch.batch_id, record)
         if self._file.buffered_bytes >= ROW_GROUP_BYTES:
             self._guarded(self._file.flush_group)
@@ -163,7 +163,8 @@ class ParquetSink(Sink):
             pa.field("metadata", pa.string(), nullable=False),
             pa.field("vector", pa.list_(pa.float32(), dimension), nullable=False),
         ]
-        return pa.schema([f for f in fields if self.store_text or f.name != "text"])
+        return pa.schema([f for f in fields if self.store_text or f.name != "text"],
+                         metadata={**self.file_metadata, "dimension": str(dimension)})
 
     def _record_batch(self, batch: VectorBatch) -> pa.RecordBatch:
         """The batch as Arrow now, so bad data fails on its own batch, not at file time."""
@@ -186,10 +187,6 @@ class ParquetSink(Sink):
             columns["text"] = pa.array([truncate_utf8(t) for t in batch.texts], pa.string())
         return pa.RecordBatch.from_arrays([columns[n] for n in self._schema.names],
                                           schema=self._schema)
-
-    def _schema_with_metadata(self) -> pa.Schema:
-        assert self._schema is not None
-        return self._schema.with_metadata({**self.file_metadata, "dimension": str(self.dimension)})
 
     def _finish_file(self) -> list[str]:
         assert self._file is not None
