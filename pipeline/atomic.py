@@ -7,11 +7,14 @@ survives a power loss, not only a process kill.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 TEMP_SUFFIX = ".tmp"
 
@@ -59,3 +62,33 @@ def _fsync(path: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def seal(body: dict[str, Any]) -> bytes:
+    """``body`` as JSON with a checksum, so a torn or edited file is detected, not trusted."""
+    return json.dumps({"checksum": _digest(body), "state": body}, indent=1,
+                      sort_keys=True).encode()
+
+
+def unseal(data: bytes) -> dict[str, Any] | None:
+    """The body ``seal`` wrote, or None when the checksum does not match."""
+    try:
+        doc = json.loads(data)
+        body = doc["state"]
+        return body if _digest(body) == doc["checksum"] else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _digest(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -7,8 +7,7 @@ window number, so the file stays small however long the job runs.
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from pipeline.errors import FingerprintMismatch, JobError
 from pipeline.faults import fault_point
 from pipeline.planning import window_of
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, seal, unseal
 
 FORMAT = 1
 
@@ -79,6 +78,19 @@ class Checkpoint:
         self.done_batches.pop(window, None)
         self.save()
 
+    def forget_from(self, window: int, lost: list[str],
+                    batch_ids_of: Callable[[int], list[str]]) -> None:
+        """Windows ``window`` on are planned again, and ``lost`` batches of earlier windows
+        went with them in the destination: none of them is done any more."""
+        self.done_windows = {w for w in self.done_windows if w < window}
+        self.done_batches = {w: b for w, b in self.done_batches.items() if w < window}
+        for w in sorted({window_of(b) for b in lost}):
+            if w in self.done_windows:
+                self.done_windows.discard(w)
+                self.done_batches[w] = set(batch_ids_of(w))
+            self.done_batches[w] = self.done_batches.get(w, set()) - set(lost)
+        self.save()
+
     def save(self) -> None:
         body = {
             "format": FORMAT,
@@ -91,7 +103,7 @@ class Checkpoint:
         }
         try:
             with atomic_path(self.path) as tmp:
-                tmp.write_bytes(_seal(body))
+                tmp.write_bytes(seal(body))
                 fault_point("during_checkpoint_write")  # written, not yet renamed into place
         except OSError as e:
             # the previous checkpoint is intact (atomic replace): what it lists stays done
@@ -99,21 +111,9 @@ class Checkpoint:
                            f"nothing acknowledged is lost — fix it and run again") from e
 
 
-def _seal(body: dict[str, Any]) -> bytes:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
-    return json.dumps({"checksum": digest, "state": body}, indent=1, sort_keys=True).encode()
-
-
 def _read_verified(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_bytes())
-        body = doc["state"]
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        ok = hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest() == doc["checksum"]
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
+    body = unseal(path.read_bytes())
+    if body is None:
         raise JobError(f"{path}: checkpoint is corrupt (checksum mismatch); refusing to guess "
                        f"what was written — run with --restart to start over")
     if body.get("format") != FORMAT:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.secrets import uri_secret
 
 
 class _Strict(BaseModel):
@@ -144,12 +148,49 @@ class IndexConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class TLSConfig(_Strict):
+    """Certificates for TLS to a Milvus server: PEM files, paths relative to the job file."""
+
+    ca_cert: str | None = Field(
+        None, description="the CA that signed the server's certificate (default: the system's)")
+    client_cert: str | None = Field(
+        None, description="this client's certificate, for a server that asks for one (mutual TLS)")
+    client_key: str | None = Field(None, description="the client certificate's private key")
+    server_name: str | None = Field(
+        None, description="the name the server's certificate carries, when not the URI's host")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "TLSConfig":
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("sink.tls.client_cert and sink.tls.client_key go together")
+        if self.client_cert and not self.ca_cert:
+            # pymilvus sends a client certificate only together with a CA file
+            raise ValueError("sink.tls.client_cert needs sink.tls.ca_cert (the CA of the "
+                             "server's certificate)")
+        return self
+
+    def files(self) -> dict[str, str]:
+        """The certificate files given, by key, as written in the job file."""
+        return {key: path for key in ("ca_cert", "client_cert", "client_key")
+                if (path := getattr(self, key)) is not None}
+
+    def resolved(self, resolve: Callable[[str], Path]) -> "TLSConfig":
+        """A copy whose file paths are resolved (relative to the job file)."""
+        return self.model_copy(update={k: str(resolve(p)) for k, p in self.files().items()})
+
+
 class SinkConfig(_Strict):
     """Where vectors go."""
 
     kind: Literal["milvus", "parquet"] = "milvus"
     uri: str | None = Field(None, description="milvus: a Lite file path or http(s)://host:port")
-    token: str | None = None
+    token: str | None = Field(None, description="inline token (user:password); prefer token_env")
+    token_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the environment variable that holds the token, read when the sink is made")
+    secure: bool | None = Field(
+        None, description="TLS to the server; default: on for https:// URIs and when tls is set")
+    tls: TLSConfig | None = None
     collection: str | None = None
     index: IndexConfig = Field(default_factory=IndexConfig)
     store_text: bool = True
@@ -164,7 +205,47 @@ class SinkConfig(_Strict):
             raise ValueError("sink.uri is required for a milvus sink")
         if self.kind == "parquet" and not self.path:
             raise ValueError("sink.path is required for a parquet sink")
+        if self.token is not None and self.token_env is not None:
+            raise ValueError("sink.token and sink.token_env: give one of them, not both")
+        head, sep, _ = (self.uri or "").partition("://")
+        scheme = head.lower() if sep else ""
+        if self.secure is False and (scheme == "https" or self.tls):
+            raise ValueError("sink.secure: false, but " + (
+                "the URI is https://" if scheme == "https" else "sink.tls is set")
+                + "; remove one of them")
+        self.secure = bool(self.secure or scheme == "https" or self.tls)
+        if self.kind == "milvus" and self.secure and scheme not in ("http", "https", "tcp"):
+            raise ValueError("sink.secure / sink.tls: TLS is for a Milvus server "
+                             "(http(s)://host:port), not a Milvus Lite path")
         return self
+
+    def resolved_token(self) -> str | None:
+        """The token, from the job file or from the variable ``token_env`` names. Read here,
+        when the sink is made or validated, not when the job file is loaded, so that
+        ``validate`` reports an unset variable as one of its problems."""
+        if self.token_env is None:
+            return self.token
+        value = os.environ.get(self.token_env)
+        if not value:
+            raise ConfigError(f"sink.token_env: environment variable {self.token_env} is not set "
+                              f"(or empty); export it with the server's token (user:password)")
+        return value
+
+    def secrets(self) -> list[str]:
+        """Every secret this sink holds, for redaction: the token (and the password half of
+        ``user:password``) and the URI's userinfo. Never raises."""
+        try:
+            token = self.resolved_token()
+        except ConfigError:
+            token = None
+        # the password half alone only when it cannot be an ordinary word of a message
+        # (the default 'root:Milvus' would turn "Milvus Lite" into "*** Lite")
+        password = token.partition(":")[2] if token else ""
+        found = [token, password if len(password) >= 8 else ""] if token else []
+        in_uri = uri_secret(self.uri or "")
+        if in_uri:
+            found += [in_uri, unquote(in_uri)]
+        return list(dict.fromkeys(s for s in found if s))
 
 
 class SyncConfig(_Strict):
@@ -198,11 +279,17 @@ class Job(_Strict):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_file: str = PrivateAttr(default="job")
+    _from_env: frozenset[str] = PrivateAttr(default=frozenset())
 
     @property
     def source_file(self) -> str:
         """The job file this job was read from, for error messages."""
         return self._source_file
+
+    @property
+    def from_env(self) -> frozenset[str]:
+        """Dotted keys (``sink.token``) whose value came from a ``${VAR}`` in the job file."""
+        return self._from_env
 
     @property
     def base_dir(self) -> Path:
@@ -226,6 +313,12 @@ class Job(_Strict):
     @property
     def collection_name(self) -> str:
         return self.sink.collection or self.name
+
+    def plan_settings(self) -> dict[str, Any]:
+        """Settings that change what the plan holds without changing a vector's meaning:
+        which rows and fields are read, and whether chunk text is kept."""
+        source = self.source.model_dump(mode="json", exclude={"on_bad_row"})
+        return {"source": source, "store_text": self.sink.store_text}
 
     def fingerprint(self, tokenizer_id: str = "") -> str:
         """Hash of every setting that changes a stored vector or its key.
@@ -254,7 +347,7 @@ def _format_error(where: str, err: dict[str, Any]) -> str:
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(
-            err["input"], (dict, list)):
+            err["input"], (dict, list)) and err["loc"][-1:] != ("token",):  # never echo a token
         msg = f"{msg} (got {err['input']!r})"
     if not loc or msg.startswith(f"{loc}."):  # a section's check names its own field
         return f"{where}: {msg}"
@@ -297,11 +390,79 @@ def _error_lines(where: str, errors: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(value: Any, key: str, problems: list[str], used: set[str]) -> Any:
+    """``value`` with ``${VAR}`` in its strings replaced by the environment variable
+    (``$${`` keeps a literal ``${``); an unset variable is a problem naming it and ``key``."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{key}.{k}" if key else str(k), problems, used)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{key}.{i}", problems, used) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(ref: re.Match[str]) -> str:
+        if ref[1]:
+            return ref[0][1:]
+        if ref[2] not in os.environ:
+            problems.append(f"{key}: environment variable {ref[2]} is not set "
+                            f"(the job file says ${{{ref[2]}}})")
+            return ""
+        used.add(key)
+        return os.environ[ref[2]]
+
+    return _ENV_REF.sub(substitute, value)
+
+
+class _JobLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, noting each key given twice in one mapping (at any depth):
+    PyYAML keeps the last value silently, so a second ``sink:`` would replace the first."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, Any, int]] = []  # (line, key, line of the first)
+        self._written: dict[yaml.Node, list[tuple[yaml.Node, yaml.Node]]] = {}
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # A merge (<<: *base) adds base's pairs to the node; keys it overrides are not repeats.
+        self._written.setdefault(node, list(node.value))
+        super().flatten_mapping(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in self._written.get(node, node.value):
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        self.duplicates.append((line, key, seen[key]))
+                    else:
+                        seen[key] = line
+                except TypeError:
+                    pass  # an unhashable key: the constructor refuses it below
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> tuple[Any, list[tuple[int, Any, int]]]:
+    """The document, and the keys given twice in it (in the order of their lines)."""
+    loader = _JobLoader(text)
+    try:
+        return loader.get_single_data(), sorted(loader.duplicates, key=lambda d: d[0])
+    finally:
+        loader.dispose()
+
+
 def load_job(path: str | Path) -> Job:
     """Read and validate a job file; every problem becomes one line of a ConfigError."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw, duplicates = _load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: job file not found") from None
     except UnicodeDecodeError as e:
@@ -314,12 +475,21 @@ def load_job(path: str | Path) -> Job:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if duplicates:
+        raise ConfigError("\n".join(f"{path}:{line}: duplicate key {key!r} (first at line {first})"
+                                    for line, key, first in duplicates))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file must be a mapping of settings")
+    problems: list[str] = []
+    used: set[str] = set()
+    raw = _interpolate(raw, "", problems, used)
+    if problems:
+        raise ConfigError("\n".join(f"{path}: {p}" for p in problems))
     try:
         job = Job.model_validate(raw)
     except ValidationError as e:
         raise ConfigError("\n".join(_error_lines(str(path), e.errors()))) from None
     job._base_dir = path.resolve().parent
     job._source_file = str(path)
+    job._from_env = frozenset(used)
     return job

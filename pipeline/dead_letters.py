@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,10 +37,28 @@ class DeadLetterFile:
         if path.exists():
             path.replace(path.with_suffix(".previous.jsonl"))
 
-    @property
-    def chunk_failures(self) -> int:
-        """Chunks planned but not stored: dead-lettered at embedding time (they name a chunk)."""
-        return sum(1 for key in self._seen if key[2] is not None)
+    def chunk_failures(self) -> Counter[str]:
+        """Chunks planned but not stored, per document: dead-lettered at embedding time
+        (they name a chunk)."""
+        return Counter(doc for doc, index in {(k[0], k[2]) for k in self._seen
+                                              if k[2] is not None})
+
+    def start_over(self) -> None:
+        """The whole plan is made again: its letters will be found again, so the file starts
+        afresh (the old one kept beside it, as at the start of a run)."""
+        with self._lock:
+            self.rotate(self.path)
+            self._seen.clear()
+            self.count = self.added = 0
+
+    def reasons(self) -> Counter[str]:
+        """How many dead letters gave each reason."""
+        return Counter(key[3] for key in self._seen)
+
+    def rows(self) -> int:
+        """Rows and documents with a dead letter (a document with several failed chunks
+        counts once)."""
+        return len({key[:2] if key[2] is not None else key for key in self._seen})
 
     @staticmethod
     def _key(d: DeadLetter) -> tuple:

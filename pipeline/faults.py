@@ -23,7 +23,8 @@ import numpy as np
 from pipeline.errors import TransientError
 
 POINTS = ("after_read", "after_chunk", "after_plan_window", "during_embed", "after_embed",
-          "before_sink_write", "after_sink_write", "after_ack", "during_checkpoint_write")
+          "before_sink_write", "after_sink_write", "after_ack", "during_checkpoint_write",
+          "before_publish", "after_commit")
 
 _hits: Counter[str] = Counter()
 _lock = threading.Lock()

@@ -1,8 +1,9 @@
 """Phase one of a run: read, chunk and write the plan, window by window.
 
 Runs in its own thread so the executor can embed window N while window N+1 is being
-tokenized. Resumes after the last window on disk: the reader is deterministic, so skipping
-the documents that earlier windows hold lands exactly where the plan stopped.
+tokenized. Resumes after the last window on disk: ``verify_prefix`` reads the documents the
+plan already holds again and compares each one (id and content hash) with the plan's own
+records, so a source that changed under an unfinished plan is noticed, never misaligned.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 import json
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,8 +22,8 @@ from pipeline.config import BatchingConfig
 from pipeline.errors import InputError
 from pipeline.faults import fault_point
 from pipeline.keys import chunk_pk
-from pipeline.planning import (DUPLICATE, SKIPPED_UNCHANGED, PlanRow, PlanStore, WindowBuilder,
-                               WindowStats)
+from pipeline.planning import (DUPLICATE, SKIPPED_UNCHANGED, UNREADABLE, PlanRow, PlanStore,
+                               WindowBuilder, WindowStats)
 from pipeline.records import DeadLetter, Document
 
 
@@ -58,18 +60,83 @@ class SeenIds:
         self._window.clear()
 
 
+@dataclass
+class RejectedRows:
+    """The reader's dead-letter callback, remembering what the plan must know of each rejected
+    row of the window being planned: its id when the row named one (the document is present,
+    so it is never deleted as missing), or only that a row could not be read at all (then
+    nothing may be deleted)."""
+
+    dead_letter: Callable[[DeadLetter], None]
+    letters: list[DeadLetter] = field(default_factory=list)
+
+    def __call__(self, letter: DeadLetter) -> None:
+        self.dead_letter(letter)
+        self.letters.append(letter)
+
+    def take(self) -> tuple[list[str], int]:
+        """The window's (ids of named rows, count of unnamed rows); the next window starts."""
+        ids = [d.doc_id for d in self.letters if d.doc_id is not None]
+        unnamed = len(self.letters) - len(ids)
+        self.letters = []
+        return ids, unnamed
+
+    def replay(self) -> None:
+        """Send the window's letters again (the dead-letter file started over)."""
+        for letter in self.letters:
+            self.dead_letter(letter)
+
+
+@dataclass(frozen=True)
+class SourceChange:
+    """Where the source stopped matching the plan: the first window to plan again."""
+
+    window: int
+    why: str
+
+
+def verify_prefix(docs: Iterator[Document], store: PlanStore, rejected: RejectedRows,
+                  end: int | None = None) -> tuple[SourceChange | None, Iterator[Document]]:
+    """Read the documents the plan holds (in windows before ``end``) again, comparing each
+    with the plan's record.
+
+    Returns the first window that no longer matches (or None) and the source positioned
+    where planning goes on: after those windows, or at the start of the changed window.
+    """
+    for s in store.all_stats()[:end]:
+        rejected.take()  # rejections before this window belong to windows already planned
+        buffered: list[Document] = []
+        for doc_id, doc_hash, n in store.doc_records(s.window):
+            if n == UNREADABLE:
+                continue
+            doc = next(docs, None)
+            if doc is None or doc.doc_id != doc_id or doc.content_hash != doc_hash:
+                why = (f"the source now ends before document {doc_id!r}" if doc is None else
+                       f"{doc.source} is not the document {doc_id!r} the plan read there"
+                       if doc.doc_id != doc_id else f"{doc.source}: document {doc_id!r} changed")
+                rest = itertools.chain(buffered, [] if doc is None else [doc], docs)
+                return SourceChange(s.window, why), rest
+            buffered.append(doc)
+    rejected.take()
+    return None, docs
+
+
 def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
                batching: BatchingConfig, fingerprint: str, store_text: bool,
                dead_letter: Callable[[DeadLetter], None], on_window: Callable[[WindowStats], None],
                limit: int | None = None, stop: threading.Event | None = None,
-               published: Callable[[str], tuple[str, int] | None] | None = None,
-               on_bad_row: str = "dead_letter") -> None:
+               unchanged: Callable[[str, str], bool] | None = None,
+               on_bad_row: str = "dead_letter", rejected: RejectedRows | None = None,
+               max_id_bytes: int | None = None) -> None:
     """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted;
-    the store's completion marker says which.
+    the store's manifest says which.
 
-    With ``published`` (doc id -> stored (hash, chunk count)), a document whose content hash
-    is unchanged is recorded as skipped without being tokenized. A duplicate id is a bad row:
-    dead-lettered, or an InputError with ``on_bad_row="error"``.
+    ``docs`` starts after the documents the store already holds (see ``verify_prefix``).
+    With ``unchanged`` (doc id, content hash -> skip?), a document the published generation
+    already holds is recorded as skipped without being tokenized. A duplicate id is a bad
+    row: dead-lettered, or an InputError with ``on_bad_row="error"``. ``rejected`` is the
+    callback the reader reports its bad rows to. ``max_id_bytes``: the destination's limit
+    on a document id (a longer one is a bad row, not a failed batch).
     """
     def dead_or_raise(letter: DeadLetter) -> None:
         if on_bad_row == "error":
@@ -80,7 +147,7 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
     doc_offset = done[-1].doc_end if done else 0
     seen = SeenIds()
     for s in done:
-        seen.add_ids(d for d, _, _ in store.doc_records(s.window))
+        seen.add_ids(d for d, _, n in store.doc_records(s.window) if n != UNREADABLE)
     if limit is not None and doc_offset >= limit:
         return
     remaining = None if limit is None else limit - doc_offset
@@ -88,15 +155,18 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
 
     def flush() -> None:
         nonlocal window
+        if rejected is not None:
+            ids, window.unreadable_rows = rejected.take()
+            window.rejected += ids
         table, stats = window.build(batching.token_budget, batching.max_batch_size)
-        store.write_window(table, stats, window.doc_records)
+        store.write_window(table, stats, window.records())
         seen.seal_window()
         fault_point("after_plan_window")
         on_window(stats)
         window = WindowBuilder(window=stats.window + 1, doc_start=stats.doc_end)
 
     exhausted = True
-    for doc in itertools.islice(docs, doc_offset, None):
+    for doc in docs:
         if stop is not None and stop.is_set():
             return
         if remaining is not None and remaining <= 0:
@@ -106,7 +176,7 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
             remaining -= 1
         fault_point("after_read")
         window.add(*_plan_doc(doc, chunker, seen, fingerprint, store_text, dead_letter,
-                              dead_or_raise, published))
+                              dead_or_raise, unchanged, max_id_bytes))
         fault_point("after_chunk")
         # documents skipped as unchanged cost no rows, so bound the window by documents too
         size = min(batching.first_window, batching.sort_window) if window.window == 0 \
@@ -114,15 +184,16 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
         if (len(window.rows) >= size or window.tokens >= batching.window_tokens
                 or window.docs >= 4 * size):
             flush()
-    if window.docs:
+    if window.docs or (rejected is not None and rejected.letters):
         flush()
     if exhausted:
-        store.mark_complete({"docs": window.doc_start})
+        store.mark_complete()
 
 
 def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
               store_text: bool, dead_letter: Callable[[DeadLetter], None],
-              bad_row: Callable[[DeadLetter], None], published: Callable[[str], tuple[str, int] | None] | None
+              bad_row: Callable[[DeadLetter], None],
+              unchanged: Callable[[str, str], bool] | None, max_id_bytes: int | None = None
               ) -> tuple[list[PlanRow], tuple[str, str, int]]:
     """A document's plan rows and its record; duplicates and unchunkable ones go to the dead
     letters.
@@ -136,10 +207,14 @@ def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
         # the first occurrence owns the id: this one leaves no record that could override it
         bad_row(DeadLetter(doc.doc_id, doc.source, f"duplicate id, first seen at {first}"))
         return [], (doc.doc_id, doc_hash, DUPLICATE)
-    if published is not None:
-        stored = published(doc.doc_id)
-        if stored is not None and stored[0] == doc_hash and stored[1] > 0:
-            return [], (doc.doc_id, doc_hash, SKIPPED_UNCHANGED)
+    id_bytes = len(doc.doc_id.encode("utf-8", "surrogatepass"))
+    if max_id_bytes is not None and id_bytes > max_id_bytes:
+        bad_row(DeadLetter(doc.doc_id[:200], doc.source, f"field id: {id_bytes} bytes, the "
+                           f"destination stores at most {max_id_bytes}: shorten the ids (or use "
+                           f"source.id_fallback: content_hash without an id field)"))
+        return [], (doc.doc_id, doc_hash, 0)
+    if unchanged is not None and unchanged(doc.doc_id, doc_hash):
+        return [], (doc.doc_id, doc_hash, SKIPPED_UNCHANGED)
     chunks = chunker.chunk(doc)
     if isinstance(chunks, DeadLetter):
         dead_letter(chunks)

@@ -7,6 +7,7 @@ tokenized, embedded or written (the state file is only read).
 from __future__ import annotations
 
 from pipeline.config import Job
+from pipeline.planning import SKIPPED_UNCHANGED
 from pipeline.readers import read_documents
 from pipeline.records import DeadLetter
 from pipeline.runner import JobContext
@@ -35,9 +36,8 @@ def preview(job: Job, mode: str | None) -> str:
 
         def records():
             for doc in docs:
-                stored = sync.lookup(doc.doc_id)
-                unchanged = stored is not None and stored[0] == doc.content_hash and stored[1] > 0
-                yield doc.doc_id, doc.content_hash, -1 if unchanged and mode == "incremental" else 1
+                skip = mode == "incremental" and sync.unchanged(doc.doc_id, doc.content_hash)
+                yield doc.doc_id, doc.content_hash, (SKIPPED_UNCHANGED if skip else 1), 1
 
         sync.load_seen(records())
         c = sync.counts(job.sync.delete_missing)

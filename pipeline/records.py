@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# Verification counts vectors per first hex digit of their document's content hash: cheap on
+# every destination (16 filtered counts), and a lost window or a foreign writer shows up.
+HASH_BUCKETS = "0123456789abcdef"
+
+
 def content_hash(text: str, metadata: dict[str, Any] | None = None) -> str:
     """Stable hash of what a document says: its text plus the metadata stored beside it."""
     h = hashlib.blake2b(digest_size=16)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.secrets import redact
 
 
 @dataclass
@@ -25,6 +29,7 @@ class RunReport:
     vectors_in_target: int = 0
     # the plan as a whole (all windows planned so far, this run and earlier ones)
     docs: int = 0
+    rows_rejected: int = 0  # source rows that did not become documents (dead letters)
     chunks: int = 0
     tokens: int = 0
     padded_tokens: int = 0
@@ -48,7 +53,28 @@ class RunReport:
     waited_for_plan_s: float = 0.0
     waited_for_sink_s: float = 0.0
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    # what hide() was given: never written (to_dict drops it)
+    _secrets: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def hide(self, secrets: Iterable[str]) -> None:
+        """Keep ``secrets`` out of every text the report writes: an error quoted from the
+        destination may carry one (URI passwords are masked in any case)."""
+        self._secrets = tuple(secrets)
+
+    def _redacted(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value, self._secrets)
+        if isinstance(value, list):
+            return [self._redacted(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._redacted(v) for k, v in value.items()}
+        return value
+
+    def warn(self, message: str) -> None:
+        """Something the user must hear of even with --quiet (one line, printed by the CLI)."""
+        self.warnings.append(message)
 
     @property
     def padding_waste(self) -> float:
@@ -56,7 +82,9 @@ class RunReport:
         return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "padding_waste": round(self.padding_waste, 4)}
+        fields = asdict(self)
+        del fields["_secrets"]
+        return {**self._redacted(fields), "padding_waste": round(self.padding_waste, 4)}
 
     def write_json(self, path: Path) -> None:
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode())
@@ -82,6 +110,8 @@ class RunReport:
             ("waited_for_sink_seconds", round(self.waited_for_sink_s, 3),
              "embedder idle waiting for the sink"),
             ("success", int(self.status == "completed"), "1 if the run completed"),
+            ("last_run_timestamp_seconds", round(time.time(), 3),
+             "when this file was written (a stale file shows the job stopped running)"),
         ]:
             lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge",
                       f"embed_job_{name}{{{label}}} {value}"]
@@ -110,4 +140,4 @@ class RunReport:
         ]
         if self.error:
             lines.append(f"  error         {self.error}")
-        return "\n".join(lines)
+        return redact("\n".join(lines), self._secrets)

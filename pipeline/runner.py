@@ -9,17 +9,18 @@ the run is published; ``dead_letters.jsonl``.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.chunking import Chunker, ModelTokenizer
@@ -32,17 +33,21 @@ from pipeline.execution import ResilientEmbedding, SafeBudget
 from pipeline.faults import fault_point, wrap_embedder
 from pipeline.lock import JobLock
 from pipeline.models import ModelInfo
-from pipeline.planner import build_plan
+from pipeline.ownership import check_destination, check_identity, check_target
+from pipeline.planner import RejectedRows, build_plan
 from pipeline.planning import PlannedBatch, PlanStore, WindowStats, window_of
+from pipeline.progress import Progress, progress_bar
 from pipeline.publish import publish_run
-from pipeline.readers import read_documents
+from pipeline.readers import check_source, read_documents, source_files
+from pipeline.replan import forget_unfinished, resync_plan
 from pipeline.records import DeadLetter
 from pipeline.report import RunReport
+from pipeline.secrets import mask_uri
 from pipeline.signals import Interrupted, graceful_stop
-from pipeline.sinks import make_sink, target_name
-from pipeline.sinks.base import Sink, VectorBatch
+from pipeline.sinks import doc_id_limit, make_sink, target_name
+from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 from pipeline.sync_state import SyncState
-from pipeline.validation import load_model_info
+from pipeline.validation import check_sink, load_model_info
 from pipeline.writer import WindowEnd, Writer, with_retries
 
 
@@ -52,6 +57,9 @@ class RunOptions:
     limit: int | None = None
     progress: bool = True
     mode: str | None = None  # overrides job.sync.mode
+    accept_missing_files: bool = False  # source files read before and gone now: delete theirs
+    progress_interval_s: float = 30.0  # off a terminal: one progress line this often
+    progress_emit: Callable[[str], None] | None = None  # where such a line goes (stderr)
 
 
 @dataclass
@@ -66,6 +74,7 @@ class JobContext:
     @classmethod
     def load(cls, job: Job) -> "JobContext":
         info = load_model_info(job)
+        check_sink(job)
         pooling = info.pooling if job.model.pooling == "auto" else job.model.pooling
         tokenizer = ModelTokenizer.from_model_dir(info.path, pooling)
         return cls(job, info, tokenizer, job.fingerprint(tokenizer.identity()))
@@ -86,8 +95,14 @@ class JobContext:
     def run_dir(self) -> Path:
         return self.job.checkpoint_path / "run"
 
-    @property
+    def discard_run(self) -> None:
+        """Remove the unfinished run (ledger and plan)."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.__dict__.pop("plan_store", None)
+
+    @cached_property
     def plan_store(self) -> PlanStore:
+        """One instance for the run: it caches the plan's manifest, which it alone writes."""
         return PlanStore(self.run_dir / "plan")
 
 
@@ -96,9 +111,10 @@ class _Planner:
 
     _DONE = object()
 
-    def __init__(self, ctx: JobContext, dead: DeadLetterFile, limit: int | None,
-                 sync: SyncState | None) -> None:
-        self.ctx, self.dead, self.limit, self.sync = ctx, dead, limit, sync
+    def __init__(self, ctx: JobContext, docs: Iterator, rejected: RejectedRows,
+                 dead: DeadLetterFile, limit: int | None, sync: SyncState | None) -> None:
+        self.ctx, self.docs, self.rejected = ctx, docs, rejected
+        self.dead, self.limit, self.sync = dead, limit, sync
         self.windows: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -112,12 +128,13 @@ class _Planner:
     def _run(self) -> None:
         job = self.ctx.job
         try:
-            docs = read_documents(job.source, job.resolve, self.dead)
             chunker = Chunker(self.ctx.tokenizer, job.chunking, self.ctx.max_context)
-            build_plan(docs, chunker, self.ctx.plan_store, job.batching, self.ctx.fingerprint,
-                       job.sink.store_text, self.dead, self.windows.put, self.limit, self.stop,
-                       published=self.sync.lookup if self.sync is not None else None,
-                       on_bad_row=job.source.on_bad_row)
+            build_plan(self.docs, chunker, self.ctx.plan_store, job.batching,
+                       self.ctx.fingerprint, job.sink.store_text, self.dead, self.windows.put,
+                       self.limit, self.stop,
+                       unchanged=self.sync.unchanged if self.sync is not None else None,
+                       on_bad_row=job.source.on_bad_row, rejected=self.rejected,
+                       max_id_bytes=doc_id_limit(job.sink))
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             self.error = e
         finally:
@@ -148,20 +165,28 @@ def _start_run(ctx: JobContext, sync: SyncState, checkpoint: Checkpoint, mode: s
         "base": published.target if same else None,
         "skip_unchanged": same and mode == "incremental",
         "mode": mode,
+        "plan_settings": ctx.job.plan_settings(),
     }
     checkpoint.save()
 
 
-def run_job(job: Job, options: RunOptions, report: RunReport | None = None) -> RunReport:
+def run_job(job: Job, options: RunOptions, report: RunReport | None = None,
+            stop: threading.Event | None = None) -> RunReport:
     """Plan (resuming the plan on disk), embed what the ledger lacks, write, publish.
 
     ``report`` is filled in as the run goes, so a caller holds it even when the run fails.
+    ``stop``: the event SIGINT/SIGTERM set, when the caller installed the handlers itself
+    (the CLI does, before anything else, so a signal during start-up is not lost).
     """
     t0 = time.monotonic()
     report = report if report is not None else RunReport(job=job.name)
     report.dead_letter_file = str(job.dead_letter_file)
     try:
-        _run_locked(job, options, report)
+        if stop is not None:
+            _run_locked(job, options, report, stop)
+        else:
+            with graceful_stop() as own:
+                _run_locked(job, options, report, own)
     except Interrupted:
         report.status = "interrupted"
         raise
@@ -174,24 +199,48 @@ def run_job(job: Job, options: RunOptions, report: RunReport | None = None) -> R
     return report
 
 
-def _run_locked(job: Job, options: RunOptions, report: RunReport) -> None:
+def _run_locked(job: Job, options: RunOptions, report: RunReport,
+                stop: threading.Event) -> None:
+    check_source(job.source, job.resolve)  # before the model: a typo in a path fails at once
     ctx = JobContext.load(job)
     report.fingerprint = ctx.fingerprint
-    with JobLock(job.checkpoint_path), graceful_stop() as stop:
-        if options.restart:
-            shutil.rmtree(ctx.run_dir, ignore_errors=True)
+    _stop_point(stop)
+    with JobLock(job.checkpoint_path):
         sync = SyncState(job.checkpoint_path / "sync.sqlite")
         try:
+            check_identity(job, sync, options.restart)
+            if options.restart:
+                forget_unfinished(ctx.run_dir, sync)
+                ctx.discard_run()
             checkpoint = Checkpoint.open(ctx.run_dir, ctx.fingerprint)
-            fresh = checkpoint.is_new
+            report.sink = _describe_sink(job, job.collection_name)
+            probe = _make_sink(ctx, job.collection_name, None)
+            try:
+                if with_retries(lambda: check_destination(ctx, sync, probe, options.mode, report),
+                                job.sink.retries, job.sink.retry_base_delay_s):
+                    ctx.discard_run()
+                    checkpoint = Checkpoint.open(ctx.run_dir, ctx.fingerprint)
+                fresh = checkpoint.is_new
+                if fresh:
+                    _start_run(ctx, sync, checkpoint, options.mode or job.sync.mode)
+                elif options.mode and options.mode != checkpoint.run["mode"]:
+                    raise JobError(
+                        f"{ctx.run_dir}: an unfinished {checkpoint.run['mode']} run exists; run "
+                        f"without --mode to finish it, or with --mode {options.mode} --restart "
+                        f"to start over")
+                run = checkpoint.run
+                report.mode, report.target = run["mode"], run["target"]
+                report.sink = _describe_sink(job, run["target"])
+                with_retries(lambda: check_target(sync, probe, run["target"], report.sink, report),
+                             job.sink.retries, job.sink.retry_base_delay_s)
+            finally:
+                probe.close()
+            sync.record_generation(run["target"], ctx.fingerprint, run["generation"])
             if fresh:
-                _start_run(ctx, sync, checkpoint, options.mode or job.sync.mode)
                 DeadLetterFile.rotate(job.dead_letter_file)
-            run = checkpoint.run
-            report.mode, report.target = run["mode"], run["target"]
-            report.sink = _describe_sink(job, run["target"])
-            sink = make_sink(job.sink, job.resolve, job.collection_name, run["target"],
-                             run["base"], {"fingerprint": ctx.fingerprint, "model": job.model.path})
+            sink = _make_sink(ctx, run["target"], run["base"],
+                              GenerationMark(job.name, sync.state_id, ctx.fingerprint,
+                                             run["generation"]))
             if fresh and run["base"] != run["target"]:
                 with_retries(sink.discard_target, job.sink.retries, job.sink.retry_base_delay_s)
             _run_phases(ctx, options, checkpoint, sync, sink, stop, report)
@@ -199,24 +248,50 @@ def _run_locked(job: Job, options: RunOptions, report: RunReport) -> None:
             sync.close()
 
 
+def _stop_point(stop: threading.Event) -> None:
+    """A signal during start-up stops the run here, before the next slow step."""
+    if stop.is_set():
+        raise Interrupted(getattr(stop, "signum", 2))
+
+
+def _make_sink(ctx: JobContext, target: str, base: str | None,
+               mark: GenerationMark | None = None) -> Sink:
+    job = ctx.job
+    return make_sink(job.sink, job.resolve, job.collection_name, target, base,
+                     {"fingerprint": ctx.fingerprint, "model": job.model.path}, mark)
+
 
 def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sync: SyncState,
                 sink: Sink, stop: threading.Event, report: RunReport) -> None:
     job = ctx.job
     dead = DeadLetterFile(job.dead_letter_file)
     store = ctx.plan_store
-    known = store.all_stats()
-    for s in known:
-        _add_window(report, s)
     planner = None
-    bar = tqdm(total=report.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
-               disable=not options.progress, desc=f"embed {job.name}", smoothing=0.1)
+    bar = progress_bar(options.progress, f"embed {job.name}", options.progress_interval_s,
+                       emit=options.progress_emit)
     try:
-        with_retries(lambda: sink.on_write_start(ctx.dimension), job.sink.retries,
-                     job.sink.retry_base_delay_s)
-        if not store.complete:
-            planner = _Planner(ctx, dead, options.limit,
+        retries = (job.sink.retries, job.sink.retry_base_delay_s)
+        with_retries(lambda: sink.on_write_start(ctx.dimension), *retries)
+        rejected = RejectedRows(dead)
+        docs = resync_plan(store, checkpoint, sink, sync,
+                           lambda: read_documents(job.source, job.resolve, rejected), rejected,
+                           dead, checkpoint.run["base"] == checkpoint.run["target"], retries,
+                           report,
+                           _settings_changed(checkpoint, job))
+        if checkpoint.run.get("plan_settings") != job.plan_settings():
+            checkpoint.run["plan_settings"] = job.plan_settings()  # the plan is now made with them
+            checkpoint.save()
+        known = store.all_stats()
+        for s in known:
+            _add_window(report, s)
+        bar.total = report.tokens
+        if docs is not None:
+            files = source_files(job.source, job.resolve)
+            store.start(None if files is None else
+                        [os.path.relpath(f, job.base_dir) for f in files])
+            planner = _Planner(ctx, docs, rejected, dead, options.limit,
                                sync if checkpoint.run["skip_unchanged"] else None).start()
+        _stop_point(stop)
         t_model = time.monotonic()
         engine = ResilientEmbedding(
             lambda: wrap_embedder(make_embedder(job.model, ctx.info, ctx.tokenizer.pad_id)),
@@ -245,15 +320,33 @@ def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sy
             raise Interrupted(getattr(stop, "signum", 2))
         report.plan_complete = store.complete
         if store.complete:
-            publish_run(ctx, checkpoint, sync, sink, report, dead.chunk_failures)
+            fault_point("before_publish")
+            publish_run(ctx, checkpoint, sync, sink, report, dead, options.accept_missing_files)
             report.status = "completed"
         else:
             report.status = "partial"
+            report.warn(f"trial run (--limit {options.limit}): {report.docs:,} documents planned "
+                        f"and embedded into {checkpoint.run['target']}, not published (readers "
+                        f"still see what they saw before); run without --limit to finish")
     finally:
         bar.close()
         sink.close()
         report.vectors_total = checkpoint.vectors_written
         report.dead_letters, report.dead_letters_added = dead.count, dead.added
+        if dead.added and report.status in ("completed", "partial"):  # a failure says it itself
+            report.warn(f"{dead.added:,} new dead letters -> {dead.path}")
+
+
+def _settings_changed(checkpoint: Checkpoint, job: Job) -> str | None:
+    """Why the unfinished plan was made with other source settings (None: the same, or a
+    plan of an earlier version, which did not record them)."""
+    before, now = checkpoint.run.get("plan_settings"), job.plan_settings()
+    if before is None or before == now:
+        return None
+    keys = [f"source.{k}" for k in {**before["source"], **now["source"]}
+            if before["source"].get(k) != now["source"].get(k)]
+    keys += ["sink.store_text"] if before["store_text"] != now["store_text"] else []
+    return f"source settings changed since it was planned ({', '.join(keys)})"
 
 
 def _drain(writer: Writer) -> None:
@@ -268,7 +361,7 @@ def _describe_sink(job: Job, target: str) -> str:
     if job.sink.kind == "parquet":
         return f"{job.resolve(job.sink.path or '')}/{target}"
     uri = job.sink.uri or ""
-    where = uri if "://" in uri else str(job.resolve(uri))
+    where = mask_uri(uri) if "://" in uri else str(job.resolve(uri))
     return f"{where} collection {target} (alias {job.collection_name})"
 
 
@@ -278,6 +371,7 @@ def _count_ack(report: RunReport, rows: int) -> None:
 
 def _add_window(report: RunReport, s: WindowStats) -> None:
     report.docs += s.docs
+    report.rows_rejected += s.rejected_rows
     report.chunks += s.chunks
     report.tokens += s.tokens
     report.padded_tokens += s.padded_tokens
@@ -285,7 +379,7 @@ def _add_window(report: RunReport, s: WindowStats) -> None:
 
 
 def _all_windows(known: list[WindowStats], planner: _Planner | None, report: RunReport,
-                 bar: tqdm) -> Iterator[int]:
+                 bar: Progress) -> Iterator[int]:
     """Windows already on disk, then each new one as the planner finishes it."""
     for s in known:
         yield s.window
@@ -306,7 +400,7 @@ class _Executor:
     writer: Writer
     dead: DeadLetterFile
     report: RunReport
-    bar: tqdm
+    bar: Progress
     stop: threading.Event
     _unfit: dict[tuple[str, int], str] = field(default_factory=dict)
 
@@ -372,14 +466,28 @@ class _Executor:
         until the end it is judged only once 20 rows have been seen.
         """
         job, count = self.ctx.job, self.dead.count
-        docs = self.report.docs + count
         if job.max_dead_letters is not None and count > job.max_dead_letters:
             raise JobError(f"{count} dead letters > max_dead_letters {job.max_dead_letters}; "
-                           f"see {self.dead.path}")
+                           f"{self._dominant()}see {self.dead.path}")
+        bad, rows = self.dead.rows(), self.report.docs + self.report.rows_rejected
         ratio = job.max_dead_letter_ratio
-        if ratio is not None and (docs >= 20 or final) and docs and count / docs > ratio:
-            raise JobError(f"{count} dead letters for {docs} documents ({count / docs:.0%}) > "
-                           f"max_dead_letter_ratio {ratio:.0%}; see {self.dead.path}")
+        if ratio is not None and (rows >= 20 or final) and rows and bad / rows > ratio:
+            raise JobError(f"{bad} of {rows} rows are dead letters ({bad / rows:.0%}) > "
+                           f"max_dead_letter_ratio {ratio:.0%}; {self._dominant()}"
+                           f"see {self.dead.path}")
+
+    def _dominant(self) -> str:
+        """The most common reason, and what probably fixes it."""
+        reasons = self.dead.reasons()
+        if not reasons:
+            return ""
+        reason, n = reasons.most_common(1)[0]
+        source = self.ctx.job.source
+        hint = ""
+        for key in ("text_field", "id_field"):
+            if reason.startswith(f"field {getattr(source, key)!r}: missing"):
+                hint = f": check source.{key}"
+        return f"most common: {reason!r} ({n}){hint}; "
 
     def _to_vector_batch(self, batch: PlannedBatch, raw: np.ndarray) -> VectorBatch:
         """Matryoshka cut + re-normalize; rows without a finite vector become dead letters."""

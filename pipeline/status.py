@@ -19,12 +19,15 @@ def job_status(job: Job) -> dict[str, Any]:
     run = _run(ckpt / "run")
     out.update(run)
     if run:
-        out["state"] = "in progress"
+        out["state"] = "in progress" if run["plan_complete"] else "in progress (plan incomplete)"
     elif out.get("published_target"):
         out["state"] = "published"
     else:
         out["state"] = "not started"
-    out["dead_letters"] = DeadLetterFile(job.dead_letter_file).count
+    dead = DeadLetterFile(job.dead_letter_file)
+    out["dead_letters"] = dead.count
+    out["dead_letter_file"] = str(job.dead_letter_file)
+    out["dead_letter_reasons"] = dict(dead.reasons().most_common(3))
     return out
 
 
@@ -54,6 +57,7 @@ def _run(run_dir: Path) -> dict[str, Any]:
     batches = sum(s.batches for s in stats)
     done = sum(s.batches for s in stats if s.window in done_windows) + sum(
         len(v) for v in partial.values())
+    percent = round(100 * done / batches, 1) if batches else 0.0
     return {
         "run_target": (state or {}).get("run", {}).get("target"),
         "run_mode": (state or {}).get("run", {}).get("mode"),
@@ -64,7 +68,8 @@ def _run(run_dir: Path) -> dict[str, Any]:
         "tokens": sum(s.tokens for s in stats),
         "batches_done": done,
         "batches": batches,
-        "percent_done": round(100 * done / batches, 1) if batches else 0.0,
+        # unknown while the plan is incomplete: its batches are only a part of the run
+        "percent_done": percent if store.complete else None,
         "vectors_written": state["vectors_written"] if state else 0,
         "safe_token_budget": state.get("safe_token_budget") if state else None,
     }

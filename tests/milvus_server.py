@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,12 +112,15 @@ def milvus_server_bin() -> str | None:
     return shutil.which("milvus-server") or (str(beside) if beside.exists() else None)
 
 
-def start_server(data_dir: Path, port: int = PORT) -> subprocess.Popen[bytes]:
-    """Start the server in its own process group, logging into ``data_dir``."""
+def start_server(data_dir: Path, port: int = PORT,
+                 options: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Start the server in its own process group, logging into ``data_dir``; ``options``:
+    more ``milvus-server`` options (``--tls-mode 1``, ``--authorization-enabled 1``...)."""
     exe = milvus_server_bin()
     assert exe, "milvus-server is not installed"
     with open(data_dir / "server.log", "wb") as log:
-        return subprocess.Popen([exe, "--data", str(data_dir), "--proxy-port", str(port)],
+        return subprocess.Popen([exe, "--data", str(data_dir), "--proxy-port", str(port),
+                                 *options],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

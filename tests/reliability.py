@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ENV_VAR = "EMBED_JOB_WRITE_RELIABILITY"
-COMMAND = f"{ENV_VAR}=1 python -m pytest tests/test_bad_input.py tests/test_faults.py"
+COMMAND = (f"{ENV_VAR}=1 python -m pytest tests/test_bad_input.py tests/test_faults.py "
+           "tests/test_data_safety.py")
 TABLE_PATH = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
 

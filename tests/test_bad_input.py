@@ -502,7 +502,7 @@ def test_whole_file_of_wrong_type_trips_the_dead_letter_ratio(tmp_path: Path) ->
     job = make_job(tmp_path, [], sink=PARQUET_SINK, source={"path": "data/*.parquet"})
     run = run_cli(job)
     expect_error(run, "Parquet files", "whole file with an int text column (25 of 45 rows)",
-                 "error: 25 dead letters for ", "max_dead_letter_ratio 10%",
+                 "error: 25 of 45 rows are dead letters", "max_dead_letter_ratio 10%",
                  ".embed-job/t/dead_letters.jsonl")
     assert len(run.dead_letters) == 25
 
@@ -662,7 +662,201 @@ def test_reliability_table_is_escaped_and_sorted() -> None:
 
     table = render([Row("a", "z", "e|1", "o\nx")])
     assert "`EMBED_JOB_WRITE_RELIABILITY=1 python -m pytest tests/test_bad_input.py " \
-           "tests/test_faults.py`" in table
+           "tests/test_faults.py tests/test_data_safety.py`" in table
     assert table.splitlines()[-1] == "| a | z | e\\|1 | o x |"
     keys = [(r.category, r.case) for r in rows()]
     assert keys == sorted(keys)
+
+
+# ------------------------------------------- source paths, repeated job-file keys, the hub
+
+
+def test_directory_as_source_path(tmp_path: Path) -> None:
+    """A directory is not a file: say so, and suggest the glob that reads its files."""
+    write_parquet(tmp_path / "data" / "a.parquet", {"id": ["x"], "text": ["fine"]})
+    job = make_job(tmp_path, [], sink=PARQUET_SINK, source={"path": "data"})
+    expect_error(run_cli(job), "source paths", "a directory as source.path",
+                 "data/ is a directory; use a glob such as data/*.parquet")
+
+
+def test_fifo_as_source_path(tmp_path: Path) -> None:
+    """A FIFO (or device) named as the source is refused in one line, never opened."""
+    import os
+
+    job = make_job(tmp_path, [], sink=PARQUET_SINK, source={"path": "pipe.jsonl"})
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    expect_error(run_cli(job), "source paths", "a FIFO as source.path",
+                 "pipe.jsonl: not a regular file but a FIFO (named pipe)")
+
+
+def test_glob_skips_a_fifo_and_a_directory(tmp_path: Path) -> None:
+    """What a glob matches that is not a regular file is skipped: the files are read."""
+    import os
+
+    job = make_job(tmp_path, short_docs(2), sink=PARQUET_SINK, source={"path": "*.jsonl"})
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    run = run_cli(job)
+    record("source paths", "glob matching a FIFO and a directory besides a file",
+           "exit 0, the file's 2 docs stored, the others skipped", run.observed())
+    assert run.exception is None and run.exit_code == 0, run.output
+    assert set(stored_chunks(run)) == {d["id"] for d in short_docs(2)}
+
+
+def test_symlink_loop_under_double_star_glob(tmp_path: Path) -> None:
+    """data/sub/up -> .. makes glob name every file once per lap: each is read once, not
+    dead-lettered ~40 times as a duplicate id."""
+    import os
+
+    docs = short_docs(3)
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    job = make_job(tmp_path, docs[:2], sink=PARQUET_SINK, source={"path": "data/**/*.jsonl"})
+    (tmp_path / "corpus.jsonl").rename(tmp_path / "data" / "corpus.jsonl")
+    (tmp_path / "data" / "sub" / "more.jsonl").write_text(json.dumps(docs[2]) + "\n")
+    os.symlink("..", tmp_path / "data" / "sub" / "up")
+    run = run_cli(job)
+    record("source paths", "'**' glob through a symlink loop (data/sub/up -> ..)",
+           "exit 0, 3 docs stored, 0 dead letters",
+           f"{run.observed()}, {len(run.dead_letters)} dead letters")
+    assert run.exception is None and run.exit_code == 0, run.output
+    assert run.dead_letters == [] and run.report["docs"] == 3
+    assert set(stored_chunks(run)) == {d["id"] for d in docs}
+
+
+def test_nan_metadata_from_pandas_is_stored_as_null(tmp_path: Path) -> None:
+    """A pandas float column with missing values (NaN) and ±inf: the job completes and the
+    stored metadata is JSON with null (it used to stop at the sink: NaN is not JSON)."""
+    import numpy as np
+    import pandas as pd
+
+    docs = short_docs(3)
+    (tmp_path / "data").mkdir()
+    pd.DataFrame({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs],
+                  "score": [np.nan, np.inf, 0.5]}).to_parquet(tmp_path / "data" / "a.parquet")
+    pq.write_table(pa.table({"id": ["nan-b"], "text": [docs[0]["text"] + " (b)"],
+                             "score": pa.array([float("-inf")])}), tmp_path / "data" / "b.parquet")
+    job = make_job(tmp_path, [], sink=PARQUET_SINK,
+                   source={"path": "data/*.parquet", "metadata_fields": ["score"]})
+    run = run_cli(job)
+    stored: dict[str, Any] = {}
+    if run.published:
+        current = json.loads((run.dir / "v" / "CURRENT").read_text())["version"]
+        for f in sorted((run.dir / "v" / current).glob("*.parquet")):
+            t = pq.read_table(f, columns=["doc_id", "metadata"])
+            stored.update(zip(t["doc_id"].to_pylist(), t["metadata"].to_pylist()))
+    record("Parquet rows", "NaN / ±Infinity metadata (pandas float column)",
+           'exit 0, stored metadata {"score": null}', f"{run.observed()}, {sorted(stored.values())}")
+    assert run.exception is None and run.exit_code == 0, run.output
+    assert {k: json.loads(v) for k, v in stored.items()} == {
+        docs[0]["id"]: {"score": None}, docs[1]["id"]: {"score": None},
+        docs[2]["id"]: {"score": 0.5}, "nan-b": {"score": None}}
+
+
+def _duplicated_sink(tmp_path: Path) -> tuple[Path, int, int]:
+    """A job file with a second ``sink:`` mapping at the end: (path, its line, the first's)."""
+    job = make_job(tmp_path, short_docs(1), sink=PARQUET_SINK)
+    lines = job.read_text(encoding="utf-8").splitlines()
+    first = next(n for n, line in enumerate(lines, 1) if line == "sink:")
+    job.write_text("\n".join([*lines, "sink:", "  kind: milvus", "  uri: other.db"]) + "\n",
+                   encoding="utf-8")
+    return job, len(lines) + 1, first
+
+
+def test_duplicate_key_in_job_file(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently: a second sink: replaced the first."""
+    job, line, first = _duplicated_sink(tmp_path)
+    expect_error(run_cli(job), "job file", "duplicate key (a second sink: mapping)",
+                 f"error: job.yaml:{line}: duplicate key 'sink' (first at line {first})")
+
+
+def test_duplicate_keys_at_every_level_one_line_each(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: t\n"
+                   "source:\n"
+                   "  path: corpus.jsonl\n"
+                   "  text_field: text\n"
+                   "  path: other.jsonl\n"
+                   "model: {path: m, device: cpu, device: cuda}\n"
+                   "sink: {kind: parquet, path: v}\n"
+                   "base: &b {a: 1}\n"  # refused too (unknown key), but after the duplicates
+                   "name: t2\n", encoding="utf-8")
+    run = run_cli(job)
+    record("job file", "duplicate keys at three levels (3 lines)",
+           "exit 2, one line per duplicate: job.yaml:LINE: duplicate key 'KEY'", run.observed())
+    assert run.exception is None and "Traceback" not in run.output, run.output
+    assert run.exit_code == 2
+    assert [run.short(line) for line in run.lines] == [
+        "error: job.yaml:5: duplicate key 'path' (first at line 3)",
+        "error: job.yaml:6: duplicate key 'device' (first at line 6)",
+        "error: job.yaml:9: duplicate key 'name' (first at line 1)"]
+
+
+def test_yaml_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
+    """``<<: *anchor`` then one of the anchor's keys is YAML's merge rule, not a repeated key."""
+    from pipeline.config import load_job
+
+    job = make_job(tmp_path, short_docs(1), sink=PARQUET_SINK,
+                   model={"sglang": {"extra": {"a": 1, "b": 2}}})
+    text = job.read_text(encoding="utf-8")
+    text = text.replace("    extra:\n", "    extra: &x\n", 1).replace(
+        "sink:\n", "sink:\n  index:\n    params: {<<: *x, a: 5}\n", 1)
+    job.write_text(text, encoding="utf-8")
+    params = load_job(job).sink.index.params
+    record("job file", "merge key (<<: *anchor) overriding a key of the anchor",
+           "accepted: the override wins, no duplicate key", f"index.params = {params}")
+    assert params == {"a": 5, "b": 2}
+
+
+HUB_NAME = "nonexistent-org/nonexistent-dataset"
+
+
+def _hub_job(tmp_path: Path) -> Path:
+    return make_job(tmp_path, [], sink=PARQUET_SINK,
+                    source={"kind": "hf", "dataset": HUB_NAME, "path": None,
+                            "metadata_fields": []})
+
+
+def _hub_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The environment, with datasets' caches in ``tmp_path`` and no offline setting but
+    ``env``'s."""
+    import os
+
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {**base, "HF_HOME": str(tmp_path / "hf"),
+            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), **env}
+
+
+HUB_CASES = {
+    "HF_HUB_OFFLINE=1": ({"HF_HUB_OFFLINE": "1"},
+                         "the Hugging Face Hub is not tried (HF_HUB_OFFLINE is set)"),
+    "no network (hub endpoint refuses connections)": (
+        {"HF_ENDPOINT": "http://127.0.0.1:1"}, "the Hugging Face Hub cannot be reached ("),
+}
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("case", HUB_CASES)
+def test_hub_dataset_out_of_reach(tmp_path: Path, case: str, command: str) -> None:
+    """``kind: hf`` with a hub id on a machine without the hub: one line in seconds (it was
+    ~30 s of retries, then a traceback), exit 2, in a real process."""
+    env, needle = HUB_CASES[case]
+    job = _hub_job(tmp_path)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", command, str(job),
+                           *(["--quiet"] if command == "run" else [])],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=_hub_env(tmp_path, **env), check=False)
+    elapsed = time.monotonic() - started
+    run = Run(tmp_path, proc.returncode, proc.stderr)
+    errors = [line for line in run.lines if line.startswith("error: ")]
+    record("datasets source", f"hub dataset out of reach, {case} ({command})",
+           f"exit 2 in < 10 s, one line: not a local dataset … {needle}",
+           f"{run.observed()} ({elapsed:.0f} s)")
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert f"hf:{HUB_NAME}: not a local dataset ({HUB_NAME} does not exist)" in run.short(errors[0])
+    assert needle in errors[0] and "save_to_disk" in errors[0]
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not (tmp_path / "v" / "CURRENT").exists()

@@ -95,7 +95,7 @@ def test_second_run_embeds_nothing_and_changes_nothing(milvus_run) -> None:
 def test_parquet_sink_with_matryoshka_dimension(tmp_path: Path) -> None:
     docs = demo_docs(12)
     job = make_job(tmp_path, docs, model={"dimension": 128},
-                   sink={"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 40})
+                   sink={"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 20})
     result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
     assert result.exit_code == 0, result.output
     rows = parquet_rows(tmp_path / "vectors")

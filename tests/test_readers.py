@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import glob
 import gzip
+import http.server
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import datasets
+import huggingface_hub.constants
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import SourceConfig
 from pipeline.errors import InputError
-from pipeline.readers import check_source, read_documents
+from pipeline.readers import check_source, read_documents, source_files
 from pipeline.records import DeadLetter, Document, content_hash
+from pipeline.sinks.fields import metadata_json
 
 
 @pytest.fixture(autouse=True)
@@ -491,3 +503,326 @@ def test_check_source_opens_datasets_without_preparing_them(tmp_path: Path) -> N
     assert not any((tmp_path / "hf-cache").rglob("*.arrow"))
     assert check_error(tmp_path, dataset="json", data_files="a.jsonl", split="dev") == \
         "hf:json: split 'dev' not found; available: train"
+
+
+# ---------------------------------------------------------------- NaN and Infinity in metadata
+# JSON has no NaN or Infinity and the sinks store metadata as JSON: they become null when read.
+
+
+def _stored_json(doc: Document) -> str:
+    """The metadata as the sinks store it (this refused NaN, stopping the job at the sink)."""
+    return metadata_json(doc.metadata, doc.source)
+
+
+def test_parquet_nan_and_infinity_metadata_become_null(tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    path = write_parquet(tmp_path / "a.parquet", {
+        "id": ["a", "b", "c", "d"], "text": ["t"] * 4,
+        "score": pa.array([nan, inf, -inf, 0.5], pa.float64()),
+        "f32": pa.array([nan, 1.0, 2.0, -inf], pa.float32()),
+        "vec": pa.array([[1.0, nan], [inf], [], None], pa.list_(pa.float64())),
+        "nested": [{"w": nan, "n": 1}, {"w": 2.0, "n": 2}, {"w": -inf, "n": 3}, {"w": 0.0, "n": 4}],
+    })
+    docs, dead = read(tmp_path, path="a.parquet", metadata_fields=["score", "f32", "vec", "nested"])
+    assert dead == []
+    assert [d.metadata for d in docs] == [
+        {"score": None, "f32": None, "vec": [1.0, None], "nested": {"w": None, "n": 1}},
+        {"score": None, "f32": 1.0, "vec": [None], "nested": {"w": 2.0, "n": 2}},
+        {"score": None, "f32": 2.0, "vec": [], "nested": {"w": None, "n": 3}},
+        {"score": 0.5, "f32": None, "vec": None, "nested": {"w": 0.0, "n": 4}}]
+    assert _stored_json(docs[0]) == '{"f32": null, "nested": {"n": 1, "w": null}, "score": null, ' \
+        '"vec": [1.0, null]}'
+    assert docs[0].source == f"{path}#0"
+
+
+@pytest.mark.parametrize("writer", ["pandas.to_parquet", "pyarrow.Table.from_pandas"])
+def test_pandas_written_parquet_with_missing_floats(tmp_path: Path, writer: str) -> None:
+    """pandas' float columns hold NaN for a missing value, and ±inf from arithmetic."""
+    frame = pd.DataFrame({"id": ["a", "b", "c", "d"], "text": ["one", "two", "three", np.nan],
+                          "score": [1.5, np.nan, np.inf, -np.inf],
+                          "ratio": np.array([np.nan, 2.0, 3.0, 4.0], np.float32),
+                          "count": pd.array([1, None, 3, 4], "Int64")})
+    path = tmp_path / "a.parquet"
+    if writer == "pandas.to_parquet":
+        frame.to_parquet(path)
+    else:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+    docs, dead = read(tmp_path, path="a.parquet", metadata_fields=["score", "ratio", "count"])
+    assert [(d.doc_id, d.metadata) for d in docs] == [
+        ("a", {"score": 1.5, "ratio": None, "count": 1}),
+        ("b", {"score": None, "ratio": 2.0, "count": None}),
+        ("c", {"score": None, "ratio": 3.0, "count": 3})]
+    assert [_stored_json(d) for d in docs]  # all valid JSON now
+    assert dead == [DeadLetter("d", f"{path}#3", "field 'text': null")]  # NaN text: still bad
+
+
+def test_jsonl_nan_and_infinity_metadata_become_null(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "t", "m": NaN, "v": [Infinity, -Infinity, 1.5]}\n'
+                     b'{"id": "b", "text": NaN, "m": 1}\n')
+    docs, dead = read(tmp_path, path="a.jsonl", metadata_fields=["m", "v"])
+    assert [(d.doc_id, d.metadata, _stored_json(d)) for d in docs] == [
+        ("a", {"m": None, "v": [None, None, 1.5]}, '{"m": null, "v": [null, null, 1.5]}')]
+    assert dead == [DeadLetter("b", f"{path}:2", "field 'text': must be a string (got float)")]
+
+
+@pytest.mark.parametrize("format_", [None, "numpy"])
+def test_hf_nan_metadata_becomes_null(tmp_path: Path, format_: str | None) -> None:
+    ds = _dataset([{"id": 1, "text": "one", "score": float("nan")},
+                   {"id": 2, "text": "two", "score": float("-inf")},
+                   {"id": 3, "text": "three", "score": 0.25}])
+    if format_:
+        ds.set_format(format_)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    docs, dead = read(tmp_path, dataset="saved", metadata_fields=["score"])
+    assert dead == []
+    assert [d.metadata for d in docs] == [{"score": None}, {"score": None}, {"score": 0.25}]
+    assert [_stored_json(d) for d in docs] == ['{"score": null}', '{"score": null}',
+                                               '{"score": 0.25}']
+
+
+# ---------------------------------------------------------------- paths: directories, links, FIFOs
+
+
+@pytest.mark.parametrize("given", ["data", "data/"])
+def test_directory_as_path_suggests_a_glob(tmp_path: Path, given: str) -> None:
+    (tmp_path / "data").mkdir()
+    for name in ["a.parquet", "b.parquet", "notes.jsonl"]:
+        write_parquet(tmp_path / "data" / name, {"id": ["x"], "text": ["t"]})
+    expected = f"{tmp_path / 'data'}/ is a directory; use a glob such as {tmp_path / 'data'}/*.parquet"
+    assert read_error(tmp_path, path=given) == expected
+    assert check_error(tmp_path, path=given) == expected
+    # the suggestion works
+    assert [d.source for d in read(tmp_path, path="data/*.parquet")[0]] == [
+        f"{tmp_path / 'data' / 'a.parquet'}#0", f"{tmp_path / 'data' / 'b.parquet'}#0"]
+
+
+def test_directory_suggestion_follows_kind_and_subdirectories(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "nested" / "2024").mkdir(parents=True)
+    write_jsonl(tmp_path / "nested" / "2024" / "a.jsonl", [{"id": 1, "text": "t"}])
+    assert read_error(tmp_path, path="empty") == \
+        f"{tmp_path / 'empty'}/ is a directory; use a glob such as {tmp_path / 'empty'}/*.jsonl"
+    assert read_error(tmp_path, path="empty", kind="parquet").endswith(f"{tmp_path / 'empty'}/*.parquet")
+    assert read_error(tmp_path, path="nested").endswith(f"{tmp_path / 'nested'}/**/*.jsonl")
+    # a Spark-style output directory named like a file
+    (tmp_path / "out.parquet").mkdir()
+    write_parquet(tmp_path / "out.parquet" / "part-0.parquet", {"id": ["x"], "text": ["t"]})
+    assert read_error(tmp_path, path="out.parquet") == (
+        f"{tmp_path / 'out.parquet'}/ is a directory; use a glob such as "
+        f"{tmp_path / 'out.parquet'}/*.parquet")
+
+
+def test_glob_matching_only_directories(tmp_path: Path) -> None:
+    for year in ["2023", "2024"]:
+        (tmp_path / "data" / year).mkdir(parents=True)
+        write_jsonl(tmp_path / "data" / year / "a.jsonl", [{"id": year, "text": "t"}])
+    assert read_error(tmp_path, path="data/*") == (
+        f"{tmp_path / 'data/*'}: matches only directories (2, e.g. {tmp_path / 'data' / '2023'}); "
+        f"use a glob such as {tmp_path / 'data/*'}/*.jsonl")
+    assert [d.doc_id for d in read(tmp_path, path="data/*/*.jsonl")[0]] == ["2023", "2024"]
+
+
+def _loop_tree(tmp_path: Path, loops: int) -> Path:
+    """x/top.jsonl, x/d/deep.jsonl, and symlinks under x/d back up to x (and to x/d itself)."""
+    (tmp_path / "x" / "d").mkdir(parents=True)
+    write_jsonl(tmp_path / "x" / "top.jsonl", [{"id": "top", "text": "t"}])
+    write_jsonl(tmp_path / "x" / "d" / "deep.jsonl", [{"id": "deep", "text": "t"}])
+    os.symlink("..", tmp_path / "x" / "d" / "up")
+    if loops > 1:
+        os.symlink(".", tmp_path / "x" / "d" / "self")
+    return tmp_path / "x"
+
+
+def test_symlink_loop_under_double_star_reads_each_file_once(tmp_path: Path) -> None:
+    """glob follows x/d/up -> .. lap after lap (~40 times): each file is read once."""
+    root = _loop_tree(tmp_path, loops=1)
+    docs, dead = read(tmp_path, path="x/**/*.jsonl")
+    assert dead == []
+    assert [(d.doc_id, d.source) for d in docs] == [
+        ("deep", f"{root / 'd' / 'deep.jsonl'}:1"), ("top", f"{root / 'top.jsonl'}:1")]
+    assert source_files(SourceConfig(path="x/**"), _resolver(tmp_path)) == [
+        root / "d" / "deep.jsonl", root / "top.jsonl"]
+
+
+def test_two_symlink_loops_under_double_star_finish(tmp_path: Path) -> None:
+    """Two loops made glob list paths without end (memory and time): in a child process,
+    so that a regression fails here instead of hanging the test session."""
+    _loop_tree(tmp_path, loops=2)
+    code = ("import sys; from pathlib import Path; from pipeline.readers.rows import expand_paths; "
+            "print(*expand_paths([sys.argv[1]], Path), sep='\\n')")
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x/**/*.jsonl")],
+                              capture_output=True, text=True, timeout=20, check=False,
+                              cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("expanding x/**/*.jsonl with two symlink loops did not finish in 20 s")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "x/d/deep.jsonl"), str(tmp_path / "x/top.jsonl")]
+    assert time.monotonic() - started < 20
+
+
+def test_a_file_named_through_several_paths_is_read_once(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "t"}])
+    write_jsonl(tmp_path / "sub" / "b.jsonl", [{"id": "b", "text": "t"}])
+    os.symlink(path, tmp_path / "link.jsonl")
+    os.symlink(tmp_path / "sub", tmp_path / "sublink")
+    docs, _ = read(tmp_path, path=["link.jsonl", "a.jsonl", "sub/../a.jsonl", str(path),
+                                   "sublink/*.jsonl", "sub/b.jsonl"])
+    # the first name a file was given under is the one kept, in the order given
+    assert [(d.doc_id, d.source) for d in docs] == [
+        ("a", f"{tmp_path / 'link.jsonl'}:1"), ("b", f"{tmp_path / 'sublink' / 'b.jsonl'}:1")]
+
+
+def test_double_star_glob_matches_as_glob_does(tmp_path: Path) -> None:
+    """Without loops, the loop-safe ``**`` matches what ``glob.glob(recursive=True)`` does:
+    hidden names skipped, symlinked directories followed, zero or more directories."""
+    from pipeline.readers.rows import _glob
+
+    for name in ["a/1.jsonl", "a/b/2.jsonl", "a/b/c/3.jsonl", "a/.h.jsonl", ".hid/x/4.jsonl",
+                 "e/5.parquet", "top.jsonl", "a/b/c/x.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    os.symlink("../e", tmp_path / "a" / "linked")
+    os.symlink("a/b/c/3.jsonl", tmp_path / "l3.jsonl")
+    os.symlink("nowhere", tmp_path / "broken.jsonl")
+    for pattern in ["**", "**/*.jsonl", "*/**/*.jsonl", "**/b/**", "**/c", "**/.h*", "**/*",
+                    ".hid/**", "a/../**/*.parquet", "**/**/*.jsonl", "a/./**/3.jsonl",
+                    "**/*[0-9].*", "a/**/"]:
+        full = str(tmp_path / pattern)
+        expected = sorted({p.rstrip("/") for p in glob.glob(full, recursive=True)})
+        assert sorted({p.rstrip("/") for p in _glob(full)}) == expected, pattern
+
+
+def test_fifo_named_as_a_path_is_one_line(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    expected = (f"{tmp_path / 'pipe.jsonl'}: not a regular file but a FIFO (named pipe); "
+                "source paths must name regular files")
+    assert read_error(tmp_path, path="pipe.jsonl") == expected
+    assert check_error(tmp_path, path="pipe.jsonl") == expected
+
+
+def test_glob_skips_fifos_and_directories(tmp_path: Path) -> None:
+    """A glob takes the regular files it matches and skips the rest (never opening a FIFO,
+    which would block); when nothing regular is left, one line says what it matched."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "t"}])
+    os.symlink("gone.jsonl", tmp_path / "broken.jsonl")
+    assert [d.doc_id for d in read(tmp_path, path="*.jsonl")[0]] == ["a"]
+    assert read_error(tmp_path, path="p*.jsonl") == \
+        f"{tmp_path / 'p*.jsonl'}: matches no regular file ({tmp_path / 'pipe.jsonl'} is a FIFO (named pipe))"
+    assert read_error(tmp_path, path="b*.jsonl") == \
+        f"{tmp_path / 'b*.jsonl'}: matches no regular file ({tmp_path / 'broken.jsonl'} is a broken symbolic link)"
+    assert read_error(tmp_path, path="broken.jsonl") == \
+        f"{tmp_path / 'broken.jsonl'}: no such file (a broken symbolic link)"
+    message = read_error(tmp_path, dataset="json", data_files=["*.jsonl", "p*.jsonl"])
+    assert message.startswith(f"{tmp_path / 'p*.jsonl'}: matches no regular file")
+
+
+# ---------------------------------------------------------------- datasets: hub out of reach
+
+
+HUB_NAME = "nonexistent-org/nonexistent-dataset"
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every attempt to resolve a name or open a connection, recorded and refused."""
+    attempts: list[Any] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args[:2])
+        raise OSError(101, "Network is unreachable (no network in this test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+def _online_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if HF_HUB_OFFLINE was not set when datasets and huggingface_hub were imported."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_hf_hub_dataset_offline_is_one_line_and_never_tries_the_network(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[Any]) -> None:
+    _online_libraries(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after the libraries read it: still honoured
+    started = time.monotonic()
+    for check in (read_error, check_error):
+        message = check(tmp_path, dataset=HUB_NAME)
+        assert message.startswith(f"hf:{HUB_NAME}: not a local dataset "
+                                  f"({tmp_path / HUB_NAME} does not exist)")
+        assert "HF_HUB_OFFLINE is set" in message and "save_to_disk" in message
+        assert "data_files" in message
+    assert time.monotonic() - started < 10
+    assert no_network == []
+    assert datasets.config.HF_HUB_OFFLINE is False  # put back as found
+
+
+def test_hf_hub_unreachable_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       no_network: list[Any]) -> None:
+    """Not offline, no network: one short attempt instead of datasets' ~30 s of retries."""
+    _online_libraries(monkeypatch)
+    started = time.monotonic()
+    message = read_error(tmp_path, dataset=HUB_NAME, streaming=True)
+    assert time.monotonic() - started < 10
+    assert message.startswith(f"hf:{HUB_NAME}: not a local dataset")
+    assert "the Hugging Face Hub cannot be reached (" in message
+    assert "Network is unreachable" in message
+    assert len(no_network) == 1  # the one probe
+
+
+def test_hf_hub_that_answers_no_is_one_line(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub that can be reached (here a local server that says 404 to everything) is asked
+    as before; the dataset it does not have is one line."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _online_libraries(monkeypatch)
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        started = time.monotonic()
+        message = read_error(tmp_path, dataset=HUB_NAME)
+        assert time.monotonic() - started < 10
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert message.startswith(f"hf:{HUB_NAME}: ") and "Hub" in message
+
+
+def test_hf_hub_dataset_in_the_cache_loads_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   no_network: list[Any]) -> None:
+    """Offline, datasets still finds a hub dataset it cached before: kept, with no network."""
+    write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "cached"}])
+    datasets.load_dataset("json", data_files=str(tmp_path / "a.jsonl"), split="train")
+    built = next(p for p in (tmp_path / "hf-cache" / "json").glob("*/*/*") if p.is_dir())
+    cached = tmp_path / "hf-cache" / "some-org___cached-set" / "default" / "0.0.0" / built.name
+    cached.parent.mkdir(parents=True)
+    built.rename(cached)
+    (cached / "json-train.arrow").rename(cached / "cached-set-train.arrow")
+    _online_libraries(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for streaming in (False, True):
+        docs, _ = read(tmp_path, dataset="some-org/cached-set", streaming=streaming)
+        assert [(d.doc_id, d.text, d.source) for d in docs] == [
+            ("1", "cached", "hf:some-org/cached-set[train]#0")]
+    assert no_network == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.errors import ConfigError
@@ -88,13 +88,18 @@ class ModelTokenizer:
         """Stable id for the job fingerprint: the tokenizer file and the special tokens added."""
         return self._identity
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids without special tokens and each token's (start, end) character offsets.
+    def encode(self, text: str) -> Encoding:
+        """The text's encoding without special tokens, from the Rust tokenizer directly: no
+        truncation, no 'longer than the model max' warning, whatever the document's length.
 
-        Calls the Rust tokenizer directly: no truncation, no 'longer than the model max'
-        warning, whatever the document's length.
+        Its ids and offsets become Python lists only when read, so a caller can count tokens
+        (``len``) without paying ~120 bytes a token for the offsets.
         """
-        enc = self._backend.encode(text, add_special_tokens=False)
+        return self._backend.encode(text, add_special_tokens=False)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids without special tokens and each token's (start, end) character offsets."""
+        enc = self.encode(text)
         return enc.ids, enc.offsets
 
     def with_special(self, body: list[int]) -> list[int]:

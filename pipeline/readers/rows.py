@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import fnmatch
 import glob
+import math
+import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,10 @@ from pipeline.records import DeadLetter, Document, content_hash
 _MISSING = object()
 _GLOB_CHARS = re.compile(r"[*?[]")
 _MAX_MESSAGE = 300
+# File name endings a directory given as a path is searched for, to suggest a glob.
+_SUFFIXES = (".jsonl", ".parquet", ".json", ".jsonl.gz", ".json.gz")
+_NOT_REGULAR = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 
 class BadRow(Exception):
@@ -53,20 +62,179 @@ def row_to_document(row: Mapping[str, Any], where: str, source: SourceConfig,
         return None
 
 
-def expand_paths(patterns: list[str], resolve: Callable[[str], Path]) -> list[Path]:
-    """Files named by paths and globs, each glob sorted; a file named twice is read once."""
-    files: dict[Path, None] = {}
+def expand_paths(patterns: list[str], resolve: Callable[[str], Path],
+                 suffixes: Sequence[str] = _SUFFIXES) -> list[Path]:
+    """Regular files named by paths and globs, each glob sorted; a file named twice (through
+    another path or a symlink too) is read once, where it was first named.
+
+    A glob skips what it matches that is not a regular file (directories, FIFOs); a path must
+    name a regular file. ``suffixes``: the file name endings a glob suggested for a directory
+    given as a path may use.
+    """
+    files: dict[str, Path] = {}
     for pattern in patterns:
         resolved = resolve(pattern)
         if _GLOB_CHARS.search(pattern):
-            matches = [Path(p) for p in sorted(glob.glob(str(resolved), recursive=True))]
-            matches = [p for p in matches if p.is_file()]
+            found = sorted(_glob(str(resolved)))
+            matches = [Path(p) for p in found if _is_regular_file(p)]
+            if not matches:
+                raise InputError(_no_regular_match(resolved, found, suffixes))
         else:
-            matches = [resolved] if resolved.is_file() else []
-        if not matches:
-            raise InputError(f"{resolved}: no such file")
-        files.update(dict.fromkeys(matches))
-    return list(files)
+            _check_regular_file(resolved, suffixes)
+            matches = [resolved]
+        for path in matches:
+            files.setdefault(os.path.realpath(path), path)
+    return list(files.values())
+
+
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_regular_file(path: Path, suffixes: Sequence[str]) -> None:
+    """Raise the one-line InputError that says why ``path`` is not a regular file to read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file" + (
+            " (a broken symbolic link)" if path.is_symlink() else "")) from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path}/ is a directory; use a glob such as "
+                         f"{_directory_glob(path, suffixes)}")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: not a regular file but {_kind(path)}; "
+                         "source paths must name regular files")
+
+
+def _no_regular_match(pattern: Path, found: list[str], suffixes: Sequence[str]) -> str:
+    """Why a glob gave no file: it matched nothing, or only directories and special files."""
+    if not found:
+        return f"{pattern}: no such file"
+    dirs = [p for p in found if os.path.isdir(p)]
+    if len(dirs) == len(found):
+        return (f"{pattern}: matches only directories ({len(dirs)}, e.g. {dirs[0]}); use a glob "
+                f"such as {_directory_glob(pattern, suffixes, sample=Path(dirs[0]))}")
+    other = next(p for p in found if not os.path.isdir(p))
+    return f"{pattern}: matches no regular file ({other} is {_kind(Path(other))})"
+
+
+def _kind(path: Path) -> str:
+    """What a path that is not a regular file is, for a message."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else "missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({getattr(e, 'strerror', None) or e})"
+    return "a directory" if stat.S_ISDIR(mode) else _NOT_REGULAR.get(stat.S_IFMT(mode),
+                                                                      "a special file")
+
+
+def _directory_glob(directory: Path, suffixes: Sequence[str], sample: Path | None = None) -> str:
+    """A glob for the files in ``directory``: of the known type most of them have (the files
+    of ``sample`` are counted when ``directory`` is itself a glob)."""
+    counts: Counter[str] = Counter()
+    subdirectories = False
+    longest_first = sorted(suffixes, key=len, reverse=True)
+    try:
+        with os.scandir(sample or directory) as entries:
+            for _, entry in zip(range(10_000), entries):
+                name = entry.name.lower()
+                suffix = next((s for s in longest_first if name.endswith(s)), None)
+                if suffix is not None and entry.is_file():
+                    counts[suffix] += 1
+                subdirectories = subdirectories or entry.is_dir()
+    except OSError:
+        pass
+    if counts:
+        return f"{directory}{os.sep}*{counts.most_common(1)[0][0]}"
+    preferred = [s for s in (".jsonl", ".parquet") if s in suffixes] or list(suffixes) or [""]
+    return f"{directory}{os.sep}{'**' + os.sep if subdirectories else ''}*{preferred[0]}"
+
+
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` never enters a directory it
+    is already inside: glob follows a symlink loop (``data/up -> ..``) lap after lap, naming
+    the same files ~40 times for one loop and without end for two."""
+    if "**" not in pattern.split(os.sep):
+        return glob.glob(pattern)
+    head, *parts = pattern.split(os.sep)
+    base = head or os.sep  # '' before the first separator: an absolute pattern
+    if head and (head == "**" or glob.has_magic(head)):
+        base, parts = "", [head, *parts]
+    found: list[str] = []
+    start = _dir_identity(base or os.curdir)
+    if start is not None:
+        _match(base, [p for p in parts if p], frozenset([start]), found)
+    if pattern.endswith(os.sep):  # as glob: a trailing separator matches directories only
+        found = [p for p in found if os.path.isdir(p)]
+    return found
+
+
+def _match(base: str, parts: list[str], inside: frozenset[tuple[int, int]],
+           found: list[str]) -> None:
+    """Add to ``found`` the paths under directory ``base`` that ``parts`` match; ``inside``
+    holds the (device, inode) of ``base`` and of the directories ``**`` came through to it."""
+    if not parts:
+        if base:
+            found.append(base)
+        return
+    part, rest = parts[0], parts[1:]
+    if not (part == "**" or glob.has_magic(part)):
+        path = os.path.join(base, part) if base else part
+        if not rest:
+            if os.path.lexists(path):
+                found.append(path)
+        elif (ident := _dir_identity(path)) is not None:
+            _match(path, rest, frozenset([ident]), found)
+        return
+    if part == "**":
+        _match(base, rest, inside, found)  # '**' also matches no directory at all
+    try:
+        with os.scandir(base or os.curdir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") and not part.startswith("."):
+            continue  # hidden, as glob has it
+        if part != "**" and not fnmatch.fnmatch(entry.name, part):
+            continue
+        path = os.path.join(base, entry.name) if base else entry.name
+        ident = _entry_dir_identity(entry)
+        if part == "**":
+            if ident is None:
+                if not rest:
+                    found.append(path)
+            elif ident not in inside:  # else: a symlink back up to where '**' came from
+                _match(path, parts, inside | {ident}, found)
+        elif not rest:
+            found.append(path)
+        elif ident is not None:
+            _match(path, rest, frozenset([ident]), found)
+
+
+def _dir_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _entry_dir_identity(entry: os.DirEntry[str]) -> tuple[int, int] | None:
+    try:
+        if not entry.is_dir():
+            return None
+        st = entry.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def one_line(error: BaseException) -> str:
@@ -156,6 +324,8 @@ def _plain(value: Any) -> Any:
 def _jsonable(value: Any) -> Any:
     """A value that ``json.dumps`` accepts, since metadata is stored as JSON by the sinks."""
     value = _plain(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or Infinity: a missing value (pandas writes NaN for one)
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, Mapping):
@@ -165,5 +335,5 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
-        return str(value)  # exact, unlike float
+        return str(value) if value.is_finite() else None  # exact, unlike float
     raise TypeError(type(value).__name__)

@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pipeline.config import SinkConfig
-from pipeline.sinks.base import Sink, VectorBatch
+from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 
-__all__ = ["Sink", "VectorBatch", "make_sink", "target_name"]
+__all__ = ["Sink", "VectorBatch", "doc_id_limit", "make_sink", "target_name"]
 
 
 def target_name(config: SinkConfig, alias: str, fingerprint: str, generation: int) -> str:
@@ -23,12 +23,23 @@ def target_name(config: SinkConfig, alias: str, fingerprint: str, generation: in
     return f"{alias}__{fingerprint}"
 
 
+def doc_id_limit(config: SinkConfig) -> int | None:
+    """The longest document id, in UTF-8 bytes, the destination stores (Milvus VARCHAR)."""
+    if config.kind == "milvus":
+        from pipeline.sinks.fields import MAX_DOC_ID_BYTES
+
+        return MAX_DOC_ID_BYTES
+    return None
+
+
 def make_sink(config: SinkConfig, resolve: Callable[[str], Path], alias: str, target: str,
-              base: str | None = None, file_metadata: Mapping[str, str] | None = None) -> Sink:
+              base: str | None = None, file_metadata: Mapping[str, str] | None = None,
+              mark: GenerationMark | None = None) -> Sink:
     """The configured sink writing generation ``target``, published as ``alias``.
 
     ``base`` is the published generation an incremental run builds on (None: a fresh build).
-    ``file_metadata`` (model, fingerprint...) is written into every Parquet file.
+    ``file_metadata`` (model, fingerprint...) is written into every Parquet file; ``mark``
+    into the generation when it is created.
     """
     if config.kind == "parquet":
         from pipeline.sinks.parquet import ParquetSink
@@ -37,11 +48,14 @@ def make_sink(config: SinkConfig, resolve: Callable[[str], Path], alias: str, ta
         root = resolve(config.path)
         return ParquetSink(root / target, rows_per_file=config.rows_per_file,
                            store_text=config.store_text, file_metadata=file_metadata, root=root,
-                           base=root / base if base else None, file_prefix=f"{target[:6]}-")
+                           base=root / base if base else None, file_prefix=f"{target[:6]}-",
+                           mark=mark)
 
     from pipeline.sinks.milvus import MilvusSink, is_server_uri
 
     assert config.uri is not None  # SinkConfig validates it
     uri = config.uri if is_server_uri(config.uri) else str(resolve(config.uri))
-    return MilvusSink(uri, target, token=config.token, index=config.index,
-                      store_text=config.store_text, alias=alias)
+    return MilvusSink(uri, target, token=config.resolved_token(), index=config.index,
+                      store_text=config.store_text, alias=alias, mark=mark,
+                      secure=bool(config.secure),
+                      tls=config.tls.resolved(resolve) if config.tls else None)

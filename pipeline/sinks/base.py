@@ -7,9 +7,10 @@ sinks make that harmless (upsert by primary key, or overwrite a deterministicall
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,31 @@ class VectorBatch:
 
     def __len__(self) -> int:
         return len(self.pks)
+
+
+@dataclass(frozen=True)
+class GenerationMark:
+    """Who made a generation, written into it when it is created (collection properties, a
+    file in the version directory), so the destination itself can say what is whose."""
+
+    job: str
+    state_id: str
+    fingerprint: str
+    generation: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "GenerationMark | None":
+        """The mark, or None for anything else (a hand-made target, another tool's text)."""
+        try:
+            value = json.loads(text or "")
+            return cls(job=str(value["job"]), state_id=str(value["state_id"]),
+                       fingerprint=str(value["fingerprint"]),
+                       generation=int(value["generation"]))
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 class Sink(ABC):
@@ -58,7 +84,48 @@ class Sink(ABC):
     @abstractmethod
     def discard_target(self) -> None:
         """A new build starts on a clean target: remove what an abandoned build left there.
-        Never called on a published target."""
+        Called only on a target this job recorded creating, never on a published one."""
+
+    @abstractmethod
+    def forget(self, from_window: int, doc_ids: list[str]) -> list[str]:
+        """Remove what was written for plan windows ``from_window`` on (their documents are
+        ``doc_ids``), because that part of the plan is being made again. Returns the ids of
+        earlier acknowledged batches that went with it (to be written again)."""
+
+    @abstractmethod
+    def count_by_bucket(self) -> dict[str, int]:
+        """Vectors the target holds now, per first hex digit of ``doc_hash``."""
+
+    # -- what the destination says about itself (checked before any work) -------------
+
+    @abstractmethod
+    def live(self) -> str | None:
+        """The generation readers see now (alias target, CURRENT), or None."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether generation ``name`` exists in the destination."""
+
+    @abstractmethod
+    def mark_of(self, name: str) -> GenerationMark | None:
+        """The mark generation ``name`` was created with, or None (absent or unmarked)."""
+
+    def clash(self) -> str | None:
+        """Why the published name cannot be used (e.g. a real collection holds it), or None."""
+        return None
+
+    def neighbours(self) -> list[str]:
+        """Other things beside this job's generations in the destination (never touched)."""
+        return []
+
+    @abstractmethod
+    def rows_of(self, name: str) -> Iterator[tuple[str, int, str]]:
+        """(doc id, chunk index, doc hash) of every vector of generation ``name``: what a
+        lost sync state is rebuilt from."""
+
+    @abstractmethod
+    def drop(self, name: str) -> None:
+        """Remove generation ``name`` (this job's, recorded; never the live one). Idempotent."""
 
     @abstractmethod
     def retire(self, changes: Iterable[tuple[str, int, int]]) -> None:
@@ -70,6 +137,5 @@ class Sink(ABC):
         """Vectors the target holds now, every acknowledged write included."""
 
     @abstractmethod
-    def publish(self, keep: list[str]) -> None:
-        """Make the target what readers see, atomically; drop this job's other generations
-        except those named in ``keep``. Idempotent."""
+    def publish(self) -> None:
+        """Make the target what readers see, atomically. Idempotent."""

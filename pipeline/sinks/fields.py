@@ -10,6 +10,7 @@ import numpy as np
 from pipeline.errors import SinkError
 
 # Milvus VARCHAR max_length counts UTF-8 bytes on a server (Lite counts characters).
+MAX_DOC_ID_BYTES = 1024  # the doc_id field's max_length: a server counts UTF-8 bytes
 MAX_VARCHAR_BYTES = 65535
 
 

@@ -23,10 +23,12 @@ import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from pipeline.config import IndexConfig
+from pipeline.config import IndexConfig, TLSConfig
 from pipeline.errors import SinkError, TransientError
-from pipeline.sinks.base import Sink, VectorBatch
-from pipeline.sinks.fields import MAX_VARCHAR_BYTES, checked_vectors, metadata_json, truncate_utf8
+from pipeline.records import HASH_BUCKETS
+from pipeline.secrets import mask_uri
+from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
+from pipeline.sinks.fields import MAX_DOC_ID_BYTES, MAX_VARCHAR_BYTES, checked_vectors, metadata_json, truncate_utf8
 
 T = TypeVar("T")
 
@@ -42,6 +44,7 @@ _DEFAULT_INDEX_PARAMS: dict[str, dict[str, int]] = {
 # chunk_index may be INT64 in a collection made by an earlier version or by hand.
 _COMPATIBLE_TYPES = {"chunk_index": {DataType.INT32, DataType.INT64}}
 _DELETE_CHUNK = 500
+MARK_PROPERTY = "embed_job.mark"  # collection property: who made the collection
 
 _SERVER_URI = re.compile(r"^(https?|tcp)://", re.IGNORECASE)
 _TRANSIENT_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -50,6 +53,9 @@ _TRANSIENT_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDE
 _TRANSIENT_CODES = {2, 8}
 _TRANSIENT_WORDS = ("unavailable", "rate limit", "deadline exceeded", "timed out", "timeout",
                     "connection refused", "retry run out", "not ready")
+# What pymilvus reports as a failed connect (code 2) but no retry fixes.
+_REFUSED_GRPC = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+_CERT_FAILURES = ("certificate_verify_failed", "verification check failed")
 
 
 def is_server_uri(uri: str) -> bool:
@@ -62,21 +68,28 @@ class MilvusSink(Sink):
 
     def __init__(self, uri: str | Path, collection: str, *, token: str | None = None,
                  index: IndexConfig | None = None, store_text: bool = True,
-                 timeout: float = 60.0, alias: str | None = None) -> None:
+                 timeout: float = 60.0, alias: str | None = None,
+                 mark: GenerationMark | None = None, secure: bool = False,
+                 tls: TLSConfig | None = None) -> None:
         """``uri``: a resolved Lite path ending in .db, or a server URI. ``timeout`` bounds
         each data call, pymilvus's own retries included, so a dead server surfaces as a
         TransientError for the runner to retry instead of hanging. ``alias``: the name
-        applications query; ``publish`` points it at ``collection``."""
+        applications query; ``publish`` points it at ``collection``. ``mark``: stored as a
+        collection property at create, so the destination says who made it. ``secure``: TLS
+        (implied by https://), with ``tls``'s certificates (paths already resolved)."""
         self.uri = str(uri)
+        self.mark = mark
         self.collection = collection
         self.alias = alias
         self.is_lite = not is_server_uri(self.uri)
         self.token = token or ""
+        self.secure = secure or self.uri.lower().startswith("https://")
+        self.tls = tls or TLSConfig()
         self.index = index or IndexConfig()
         self.store_text = store_text
         self.timeout = timeout
         self.dimension: int | None = None
-        self._where = f"milvus {self.uri} collection {collection!r}"
+        self._where = f"milvus {mask_uri(self.uri)} collection {collection!r}"
         self._client: MilvusClient | None = None
         self._loaded = False
         if self.is_lite:
@@ -143,7 +156,7 @@ class MilvusSink(Sink):
             return
         if self._call("list aliases", client.list_aliases, self.collection).get("aliases"):
             raise SinkError(f"{self._where}: is published (has an alias) and cannot be rebuilt "
-                            f"in place; its sync state is missing — restore it or drop the alias")
+                            f"in place")
         self._call("drop collection", client.drop_collection, self.collection)
         self._loaded = False
 
@@ -161,32 +174,79 @@ class MilvusSink(Sink):
                            filter=f"doc_id in {literal} and chunk_index >= {new_n}",
                            consistency_level="Strong", timeout=self.timeout)
 
-    def publish(self, keep: list[str]) -> None:
-        """Point the alias at this collection (one atomic switch for readers), then drop
-        the job's other collections (``<alias>__*``) not named in ``keep``.
-
-        Lite drops the *target* when asked to drop an alias name, and silently removes an
-        alias with its collection: only real collection names that no alias points to are
-        dropped here, after the switch.
-        """
+    def publish(self) -> None:
+        """Point the alias at this collection: one atomic switch for readers."""
         if self.alias is None:
             return
         client = self.connect()
-        names = self._call("list collections", client.list_collections)
-        if self.alias in names:
-            raise SinkError(f"{self._where}: a collection named {self.alias!r} exists; the job "
-                            f"publishes under that name as an alias — rename or drop it")
-        prefix = f"{self.alias}__"
-        ours = [n for n in names if n.startswith(prefix)]
-        holder = next((n for n in ours if self.alias in self._call(
-            "list aliases", client.list_aliases, n).get("aliases", [])), None)
+        holder = self.live()
         if holder is None:
             self._call("create alias", client.create_alias, self.collection, self.alias)
         elif holder != self.collection:
             self._call("alter alias", client.alter_alias, self.collection, self.alias)
-        for name in ours:
-            if name != self.collection and name not in keep:
-                self._call("drop collection", client.drop_collection, name)
+
+    def live(self) -> str | None:
+        if self.alias is None:
+            return None
+        client = self.connect()
+        if self.alias not in self._call("list aliases", client.list_aliases).get("aliases", []):
+            return None
+        desc = self._call("describe alias", client.describe_alias, self.alias)
+        return str(desc["collection_name"])
+
+    def exists(self, name: str) -> bool:
+        client = self.connect()
+        return bool(self._call("has collection", client.has_collection, name))
+
+    def mark_of(self, name: str) -> GenerationMark | None:
+        if not self.exists(name):
+            return None
+        desc = self._call("describe collection", self.connect().describe_collection, name)
+        return GenerationMark.from_json((desc.get("properties") or {}).get(MARK_PROPERTY))
+
+    def clash(self) -> str | None:
+        """Lite drops the *target* when asked to drop an alias name, and an alias cannot take
+        a name a collection has: a real collection under the alias name is refused."""
+        if self.alias is None:
+            return None
+        client = self.connect()
+        if self.alias in self._call("list collections", client.list_collections):
+            return (f"milvus {mask_uri(self.uri)}: a collection named {self.alias!r} exists; the job "
+                    f"publishes under that name as an alias — rename that collection, or set "
+                    f"sink.collection to another name")
+        return None
+
+    def rows_of(self, name: str) -> Iterator[tuple[str, int, str]]:
+        other = MilvusSink(self.uri, name, token=self.token, index=self.index,
+                           timeout=self.timeout)
+        other._client = self.connect()
+        for row in other.query(fields=("doc_id", "chunk_index", "doc_hash"), batch_size=5000):
+            yield row["doc_id"], int(row["chunk_index"]), row["doc_hash"]
+
+    def drop(self, name: str) -> None:
+        """Drop a collection this job recorded creating; never one an alias points at (Lite
+        would silently take the alias with it)."""
+        client = self.connect()
+        if not self.exists(name):
+            return
+        if self._call("list aliases", client.list_aliases, name).get("aliases"):
+            raise SinkError(f"milvus {mask_uri(self.uri)}: collection {name!r} has an alias; not "
+                            f"dropped")
+        self._call("drop collection", client.drop_collection, name)
+
+    def forget(self, from_window: int, doc_ids: list[str]) -> list[str]:
+        self.delete_docs(doc_ids)
+        return []
+
+    def count_by_bucket(self) -> dict[str, int]:
+        client = self._ready()
+        out = {}
+        for bucket in HASH_BUCKETS:
+            res = self._call("count", client.query, self.collection,
+                             filter=f'doc_hash like "{bucket}%"', output_fields=["count(*)"],
+                             consistency_level="Strong", timeout=self.timeout)
+            out[bucket] = int(res[0]["count(*)"])
+        return out
 
     def count(self) -> int:
         """Rows visible now, every acknowledged write included (Strong consistency)."""
@@ -234,9 +294,9 @@ class MilvusSink(Sink):
 
     def _check_lite_index(self) -> None:
         if self.index.type.upper() not in LITE_INDEX_TYPES:
-            raise SinkError(f"milvus {self.uri}: index type {self.index.type!r} is not built by "
-                            f"Milvus Lite (it would silently search brute force); use one of "
-                            f"{', '.join(LITE_INDEX_TYPES)}")
+            raise SinkError(f"milvus {mask_uri(self.uri)}: index type {self.index.type!r} is not "
+                            f"built by Milvus Lite (it would silently search brute force); use "
+                            f"one of {', '.join(LITE_INDEX_TYPES)}")
 
     def _open_lite(self) -> MilvusClient:
         """Open the Lite db; the real cause of a failure is only logged by milvus-lite."""
@@ -266,10 +326,24 @@ class MilvusSink(Sink):
         raise SinkError(
             f"milvus {self.uri}: cannot open the Lite db: {_one_line(cause)}") from cause
 
+    def client_kwargs(self) -> dict[str, Any]:
+        """What ``MilvusClient`` gets besides the server URI. pymilvus verifies the server
+        against ``server_pem_path`` alone, and sends a client certificate only together with
+        ``ca_pem_path`` (then the CA for the server's certificate too)."""
+        kwargs: dict[str, Any] = {"token": self.token, "timeout": self.timeout,
+                                  "secure": self.secure}
+        if self.tls.server_name:
+            kwargs["server_name"] = self.tls.server_name
+        if self.tls.client_cert:
+            kwargs.update(ca_pem_path=self.tls.ca_cert, client_pem_path=self.tls.client_cert,
+                          client_key_path=self.tls.client_key)
+        elif self.tls.ca_cert:
+            kwargs["server_pem_path"] = self.tls.ca_cert
+        return kwargs
+
     def _open_server(self) -> MilvusClient:
         """Connect; a ``milvus-lite server`` behind the URI gets Lite's index check too."""
-        client = self._call("connect", MilvusClient, self.uri, token=self.token,
-                            timeout=self.timeout)
+        client = self._call("connect", MilvusClient, self.uri, **self.client_kwargs())
         if str(self._call("server version", client.get_server_version)).startswith("milvus_lite"):
             self.is_lite = True
             self._check_lite_index()
@@ -288,7 +362,7 @@ class MilvusSink(Sink):
     def _field_specs(self) -> list[tuple[str, DataType, dict[str, Any]]]:
         specs: list[tuple[str, DataType, dict[str, Any]]] = [
             ("pk", DataType.VARCHAR, {"max_length": 64, "is_primary": True}),
-            ("doc_id", DataType.VARCHAR, {"max_length": 1024}),
+            ("doc_id", DataType.VARCHAR, {"max_length": MAX_DOC_ID_BYTES}),
             ("chunk_index", DataType.INT32, {}),
             ("doc_hash", DataType.VARCHAR, {"max_length": 64}),
             ("text", DataType.VARCHAR, {"max_length": MAX_VARCHAR_BYTES}),
@@ -302,8 +376,10 @@ class MilvusSink(Sink):
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         for name, dtype, kwargs in self._field_specs():
             schema.add_field(name, dtype, **kwargs)
+        properties = {MARK_PROPERTY: self.mark.to_json()} if self.mark is not None else None
         self._call("create collection", client.create_collection, self.collection,
-                   schema=schema, index_params=self._index_params(client), timeout=self.timeout)
+                   schema=schema, index_params=self._index_params(client), timeout=self.timeout,
+                   properties=properties)
         self._loaded = True
 
     def _remove_torn_lite_create(self) -> None:
@@ -398,12 +474,33 @@ class MilvusSink(Sink):
         try:
             return fn(*args, **kwargs)
         except (MilvusException, grpc.RpcError) as e:
-            message = f"{self._where}: {what}: {_one_line(e)}"
+            refused = _refusal(e)
+            message = f"{self._where}: {what}: {_described(e)}"
+            if refused:
+                message += f"; {refused}"
             raise (TransientError(message) if _is_transient(e) else SinkError(message)) from e
 
 
+def _refusal(e: BaseException) -> str | None:
+    """What to fix when the server refused us (credentials, certificate): pymilvus says only
+    "illegal connection params or server unavailable", with the gRPC status as the cause."""
+    rpc = e if isinstance(e, grpc.RpcError) else e.__cause__
+    if not isinstance(rpc, grpc.RpcError):
+        return None
+    if rpc.code() in _REFUSED_GRPC:
+        return ("the server refused the credentials: check sink.token_env, sink.token or the "
+                "URI's user:password")
+    if any(word in (rpc.details() or "").lower() for word in _CERT_FAILURES):
+        return ("the server's TLS certificate did not verify: check sink.tls.ca_cert and "
+                "sink.tls.server_name")
+    return None
+
+
 def _is_transient(e: BaseException) -> bool:
-    """Worth retrying: unreachable, overloaded, timed out (pymilvus has already retried)."""
+    """Worth retrying: unreachable, overloaded, timed out (pymilvus has already retried);
+    never refused credentials or an untrusted certificate."""
+    if _refusal(e):
+        return False
     code = e.code() if isinstance(e, grpc.RpcError) else getattr(e, "code", None)
     if isinstance(code, grpc.StatusCode):
         return code in _TRANSIENT_GRPC
@@ -418,6 +515,14 @@ def _one_line(e: BaseException) -> str:
     else:
         text = getattr(e, "message", "") or str(e) or type(e).__name__
     return " ".join(str(text).split())[:500]
+
+
+def _described(e: BaseException) -> str:
+    """``_one_line``, followed by the gRPC failure a pymilvus error wraps (the real reason a
+    connect failed: refused, unreachable, TLS handshake)."""
+    if isinstance(e.__cause__, grpc.RpcError) and not isinstance(e, grpc.RpcError):
+        return f"{_one_line(e)} ({_one_line(e.__cause__)})"
+    return _one_line(e)
 
 
 def _hit_value(hit: dict[str, Any], name: str) -> Any:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,9 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.atomic import TEMP_SUFFIX, atomic_path, commit_temp, temp_name
+from pipeline.atomic import TEMP_SUFFIX, atomic_path, atomic_write_bytes, commit_temp, temp_name
 from pipeline.errors import SinkError
-from pipeline.sinks.base import Sink, VectorBatch
+from pipeline.planning import window_of
+from pipeline.records import HASH_BUCKETS
+from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -32,6 +34,7 @@ T = TypeVar("T")
 
 
 CURRENT = "CURRENT"
+MARK_FILE = "_embed_job.json"  # in each version directory: who made it
 
 
 def part_name(first_batch_id: str, prefix: str = "") -> str:
@@ -69,11 +72,13 @@ class ParquetSink(Sink):
     def __init__(self, directory: str | Path, *, rows_per_file: int = 50_000,
                  store_text: bool = True, file_metadata: Mapping[str, str] | None = None,
                  root: str | Path | None = None, base: str | Path | None = None,
-                 file_prefix: str = "") -> None:
+                 file_prefix: str = "", mark: GenerationMark | None = None) -> None:
         """``file_metadata``: extra key-value pairs (model, fingerprint...) for every file;
         ``base``: the version an incremental run builds on; ``file_prefix`` keeps this run's
-        file names apart from those it carries over."""
+        file names apart from those it carries over; ``mark``: written into the version
+        directory so the destination says who made it."""
         self.directory = Path(directory)
+        self.mark = mark
         self.root = Path(root) if root is not None else self.directory.parent
         self.base = Path(base) if base is not None else None
         self.file_prefix = file_prefix
@@ -92,6 +97,8 @@ class ParquetSink(Sink):
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SinkError(f"parquet {self.directory}: cannot create the directory: {e}") from e
+        if self.mark is not None and not (self.directory / MARK_FILE).exists():
+            atomic_write_bytes(self.directory / MARK_FILE, self.mark.to_json().encode())
         self._remove_temps()
 
     def write(self, batch: VectorBatch) -> list[str]:
@@ -142,16 +149,64 @@ class ParquetSink(Sink):
                     pq.write_table(table.filter(keep), tmp)
 
     def count(self) -> int:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.directory.glob("*.parquet"))
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in self._files(self.directory))
 
-    def publish(self, keep: list[str]) -> None:
-        """Flip CURRENT to this version; remove other versions not named in ``keep``."""
+    def count_by_bucket(self) -> dict[str, int]:
+        out = dict.fromkeys(HASH_BUCKETS, 0)
+        for f in self._files(self.directory):
+            column = pq.read_table(f, columns=["doc_hash"])["doc_hash"]
+            for bucket, n in zip(*pc.value_counts(pc.utf8_slice_codeunits(column, 0, 1))
+                                 .flatten()):
+                out[bucket.as_py()] = out.get(bucket.as_py(), 0) + n.as_py()
+        return out
+
+    def forget(self, from_window: int, doc_ids: list[str]) -> list[str]:
+        """Remove this run's files holding a batch of ``from_window`` or later; batches of
+        earlier windows in them are returned, to be written again."""
+        lost: list[str] = []
+        for f in self.directory.glob(part_name("*", self.file_prefix)):
+            ids = json.loads((pq.read_metadata(f).metadata or {}).get(b"batch_ids", b"[]"))
+            if any(window_of(b) >= from_window for b in ids):
+                lost += [b for b in ids if window_of(b) < from_window]
+                f.unlink()
+        self._remove_temps()
+        return lost
+
+    def publish(self) -> None:
+        """Flip CURRENT to this version, atomically."""
         with atomic_path(self.root / CURRENT) as tmp:
             Path(tmp).write_text(json.dumps({"version": self.directory.name}))
-        for old in self.root.iterdir():
-            if old.is_dir() and old.name.startswith("v") and old != self.directory \
-                    and old.name not in keep:
-                shutil.rmtree(old)
+
+    def live(self) -> str | None:
+        current = current_version(self.root)
+        return current.name if current is not None else None
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_dir()
+
+    def mark_of(self, name: str) -> GenerationMark | None:
+        path = self.root / name / MARK_FILE
+        return GenerationMark.from_json(path.read_text()) if path.is_file() else None
+
+    def neighbours(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.name != CURRENT and not p.name.startswith(f".{CURRENT}."))
+
+    def rows_of(self, name: str) -> Iterator[tuple[str, int, str]]:
+        for f in self._files(self.root / name):
+            t = pq.read_table(f, columns=["doc_id", "chunk_index", "doc_hash"])
+            yield from zip(t["doc_id"].to_pylist(), t["chunk_index"].to_pylist(),
+                           t["doc_hash"].to_pylist())
+
+    def drop(self, name: str) -> None:
+        """Remove a version directory this job recorded writing (never called on others)."""
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
+    @staticmethod
+    def _files(directory: Path) -> list[Path]:
+        return sorted(directory.glob("*.parquet")) if directory.is_dir() else []
 
     def _make_schema(self, dimension: int) -> pa.Schema:
         fields = [

@@ -1,0 +1,86 @@
+"""Keeping secrets out of everything the product prints or writes.
+
+A secret can reach output two ways: in a URI's userinfo (``http://user:password@host``;
+pymilvus also takes a bare ``http://token@host`` as the token) and quoted inside an
+exception message from a client library. ``mask_uri`` handles the first where a URI is
+shown on purpose; ``redact`` is the last filter before text leaves the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+MASK = "***"
+
+# scheme://userinfo@ — the userinfo ends at the last '@' before the host's '/', '?' or '#'.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#]*)@")
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user, colon, _ = match["userinfo"].partition(":")
+    shown = f"{user}:{MASK}" if colon else MASK  # a bare userinfo is a token to pymilvus
+    return f"{match['scheme']}{shown}@"
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with the secret part of its userinfo shown as ``***``."""
+    return _USERINFO.sub(_mask_userinfo, uri, count=1)
+
+
+def uri_secret(uri: str) -> str | None:
+    """The secret in ``uri``'s userinfo: the password, or a bare userinfo (a token)."""
+    match = _USERINFO.match(uri)
+    if match is None:
+        return None
+    user, colon, password = match["userinfo"].partition(":")
+    return (password if colon else user) or None
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every secret replaced by ``***`` and every URI's userinfo masked."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return _USERINFO.sub(_mask_userinfo, text)
+
+
+@contextmanager
+def redacted_logging(secrets: Iterable[str]) -> Iterator[None]:
+    """Log records made meanwhile (pymilvus and milvus-lite log through their own handlers)
+    carry their message and traceback already redacted, whichever handler prints them."""
+    hidden = tuple(secrets)
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            record.msg, record.args = redact(record.getMessage(), hidden), ()
+        except (TypeError, ValueError):  # a malformed call: logging reports it at emit time
+            return record
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), hidden)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(previous)
+
+
+@contextmanager
+def quiet_client_logs() -> Iterator[None]:
+    """pymilvus and milvus-lite log whole tracebacks of failed calls on stderr; the product
+    turns each failure into its own one-line message, so their records are dropped."""
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

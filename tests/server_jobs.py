@@ -1,0 +1,112 @@
+"""Data safety on a real Milvus server: whole `embed-job run`s against a server started in a
+fresh network namespace (see milvus_server.py), run as a script under ``unshare -n``:
+
+    unshare -n python tests/server_jobs.py
+
+It checks that a collection made by hand and another job's index survive, and that a lost
+sync state is rebuilt from the server; exits 0 after printing OK_LINE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from conftest import demo_docs, make_job  # noqa: E402
+from milvus_server import PORT, start_server, stop_server, wait_healthy  # noqa: E402
+
+URI = f"http://127.0.0.1:{PORT}"
+OK_LINE = "server data-safety scenario ok"
+SMALL = {"chunking": {"max_tokens": 64, "overlap_tokens": 0},
+         "batching": {"token_budget": 512, "max_batch_size": 8},
+         "sink": {"uri": URI, "retry_base_delay_s": 0.01}}
+
+
+def run(job: Path) -> tuple[int, dict, str]:
+    report = job.parent / "report.json"
+    report.unlink(missing_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet",
+                           "--report", str(report)], capture_output=True, text=True,
+                          timeout=300, cwd=HERE.parent)
+    return done.returncode, json.loads(report.read_text()), done.stderr
+
+
+def collections() -> list[str]:
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(URI)
+    try:
+        return sorted(client.list_collections())
+    finally:
+        client.close()
+
+
+def hand_made(name: str) -> None:
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(URI)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("pk", DataType.VARCHAR, max_length=64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=4)
+    index = client.prepare_index_params()
+    index.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="COSINE")
+    client.create_collection(name, schema=schema, index_params=index)
+    client.close()
+
+
+def scenario(tmp: Path) -> None:
+    docs = demo_docs(8)
+    a = make_job(tmp / "a", docs, **SMALL)
+    code, first, err = run(a)
+    assert code == 0, err
+    hand_made("t__my_backup")
+    # another job, same collection name, other dimension: refused before embedding
+    b = make_job(tmp / "b", docs[:3], name="other", model={"dimension": 128}, **SMALL)
+    code, report, err = run(b)
+    assert code == 2 and "made by job 't'" in err and report["tokens_embedded"] == 0, err
+    # a model change with keep_previous 0 drops only the job's own previous collection
+    changed = make_job(tmp / "a", docs, **{**SMALL, "chunking": {"max_tokens": 48,
+                                                                 "overlap_tokens": 0}},
+                       sync={"keep_previous": 0})
+    code, second, err = run(changed)
+    assert code == 0, err
+    assert collections() == sorted(["t__my_backup", second["target"]]), collections()
+    # the sync state is lost: rebuilt from the server, nothing embedded again
+    shutil.rmtree(tmp / "a" / ".embed-job")
+    code, third, err = run(changed)
+    assert code == 5 and third["tokens_embedded"] == 0, err
+    assert "rebuilt from the live generation" in err, err
+    print(f"collections {collections()}; rebuilt: {err.strip()[:120]}", flush=True)
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    os.environ.pop("EMBED_JOB_FAULT", None)
+    with tempfile.TemporaryDirectory(prefix="server-jobs-", ignore_cleanup_errors=True) as tmp:
+        proc = start_server(Path(tmp))
+        try:
+            print(f"healthy after {wait_healthy(proc, URI):.1f} s", flush=True)
+            scenario(Path(tmp) / "jobs")
+        except Exception:  # noqa: BLE001 - reported through the exit code and output
+            traceback.print_exc()
+            return 1
+        finally:
+            stop_server(proc)
+    print(OK_LINE, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
