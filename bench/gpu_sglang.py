@@ -37,8 +37,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (EOS, Results, import_datasets_or_stub, make_docs,  # noqa: E402
-                    rss_peak_mib, write_corpus, write_model_dir)
+from common import (  # noqa: E402
+    EOS,
+    Results,
+    import_datasets_or_stub,
+    make_docs,
+    rss_peak_mib,
+    write_corpus,
+    write_model_dir,
+)
 
 T0 = time.monotonic()
 

@@ -31,8 +31,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (EOS, QWEN3_EMBEDDING_4B, Results, import_datasets_or_stub, log,  # noqa: E402
-                    make_docs, random_model_for, rss_peak_mib, write_corpus, write_model_dir)
+from common import (  # noqa: E402
+    EOS,
+    QWEN3_EMBEDDING_4B,
+    Results,
+    import_datasets_or_stub,
+    log,
+    make_docs,
+    random_model_for,
+    rss_peak_mib,
+    write_corpus,
+    write_model_dir,
+)
 
 T0 = time.monotonic()
 
@@ -155,8 +165,9 @@ def main() -> int:
         rel = ((got.float() - ref).norm() / ref.norm()).item()
         row = {"rel_err_vs_fp32_reference": round(rel, 5)}
         try:  # torch's public wrapper, where this torch has it
-            from torch.nn.attention.varlen import varlen_attn
             import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
 
             params = inspect.signature(varlen_attn).parameters
             kw: dict[str, Any] = {"scale": 128 ** -0.5}

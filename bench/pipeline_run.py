@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from common import log, rss_now_mib, rss_peak_mib
 
 
@@ -55,7 +54,7 @@ class Borrowed:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Borrowed":
+    def __enter__(self) -> Borrowed:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -82,13 +81,13 @@ def job_dict(name: str, corpus: Path, model_dir: Path, backend: str, work: Path,
 
 def run_pipeline(job: dict[str, Any], work: Path, embedder: Any | None = None) -> dict[str, Any]:
     """Write the job file, run it from scratch, return the measurements."""
-    from pipeline.config import load_job
-    from pipeline.runner import RunOptions, run_job
-    import pipeline.runner as runner
     # what a fresh `embed-job run` process imports before it starts working: not run time
     import pipeline.planner  # noqa: F401
     import pipeline.readers.parquet  # noqa: F401
+    import pipeline.runner as runner
     import pipeline.sinks.parquet  # noqa: F401
+    from pipeline.config import load_job
+    from pipeline.runner import RunOptions, run_job
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_path, seal, unseal
 from pipeline.errors import FingerprintMismatch, JobError
 from pipeline.faults import fault_point
 from pipeline.planning import window_of
-from pipeline.atomic import atomic_path, seal, unseal
 
 FORMAT = 1
 
@@ -32,7 +32,7 @@ class Checkpoint:
     is_new: bool = True
 
     @classmethod
-    def open(cls, directory: Path, fingerprint: str) -> "Checkpoint":
+    def open(cls, directory: Path, fingerprint: str) -> Checkpoint:
         """Load the ledger of a previous run, or start an empty one.
 
         A ledger written by a job whose vectors would differ is refused: resuming would

@@ -196,7 +196,7 @@ class _Console:
             self.error(line)
         sys.exit(error.exit_code)
 
-    def summary(self, report: "RunReport") -> None:
+    def summary(self, report: RunReport) -> None:
         if self.json:
             click.echo(json.dumps({"level": "info", "summary": report.to_dict()}), err=True)
         else:

@@ -45,7 +45,7 @@ class SourceConfig(_Strict):
     on_bad_row: Literal["error", "dead_letter"] = "dead_letter"
 
     @model_validator(mode="after")
-    def _where(self) -> "SourceConfig":
+    def _where(self) -> SourceConfig:
         if self.kind == "hf" or (self.kind is None and self.dataset):
             if not self.dataset:
                 raise ValueError("source.dataset is required for kind 'hf'")
@@ -70,7 +70,7 @@ class ChunkingConfig(_Strict):
         "or send it to the dead-letter file")
 
     @model_validator(mode="after")
-    def _overlap(self) -> "ChunkingConfig":
+    def _overlap(self) -> ChunkingConfig:
         if self.overlap_tokens >= self.max_tokens // 2:
             raise ValueError(
                 f"chunking.overlap_tokens: {self.overlap_tokens} must be < max_tokens/2 "
@@ -160,7 +160,7 @@ class TLSConfig(_Strict):
         None, description="the name the server's certificate carries, when not the URI's host")
 
     @model_validator(mode="after")
-    def _pairs(self) -> "TLSConfig":
+    def _pairs(self) -> TLSConfig:
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("sink.tls.client_cert and sink.tls.client_key go together")
         if self.client_cert and not self.ca_cert:
@@ -174,7 +174,7 @@ class TLSConfig(_Strict):
         return {key: path for key in ("ca_cert", "client_cert", "client_key")
                 if (path := getattr(self, key)) is not None}
 
-    def resolved(self, resolve: Callable[[str], Path]) -> "TLSConfig":
+    def resolved(self, resolve: Callable[[str], Path]) -> TLSConfig:
         """A copy whose file paths are resolved (relative to the job file)."""
         return self.model_copy(update={k: str(resolve(p)) for k, p in self.files().items()})
 
@@ -200,7 +200,7 @@ class SinkConfig(_Strict):
     retry_base_delay_s: float = Field(0.5, ge=0, description="first backoff; doubles, with jitter")
 
     @model_validator(mode="after")
-    def _target(self) -> "SinkConfig":
+    def _target(self) -> SinkConfig:
         if self.kind == "milvus" and not self.uri:
             raise ValueError("sink.uri is required for a milvus sink")
         if self.kind == "parquet" and not self.path:
@@ -488,7 +488,8 @@ def load_job(path: str | Path) -> Job:
     try:
         job = Job.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(_error_lines(str(path), e.errors()))) from None
+        errors = [dict(err) for err in e.errors()]
+        raise ConfigError("\n".join(_error_lines(str(path), errors))) from None
     job._base_dir = path.resolve().parent
     job._source_file = str(path)
     job._from_env = frozenset(used)

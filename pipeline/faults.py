@@ -3,7 +3,8 @@
 ``EMBED_JOB_FAULT="after_sink_write@3:kill"`` SIGKILLs the process the 3rd time the run
 passes ``after_sink_write``; ``point~0.2:oom`` fires at random with probability 0.2 (seeded by
 ``EMBED_JOB_FAULT_SEED``); ``:raise`` raises RuntimeError, ``:oom`` raises MemoryError,
-``:transient`` raises TransientError, ``:enospc`` raises a disk-full OSError. Several specs may be given, comma-separated.
+``:transient`` raises TransientError, ``:enospc`` raises a disk-full OSError. Several specs
+may be given, comma-separated.
 ``EMBED_JOB_MEMORY_LIMIT_TOKENS=N`` makes every embedding call of more than N padded tokens
 fail with MemoryError, like a device that is too small.
 Unset (the normal case) a fault point costs one dict lookup.
@@ -16,7 +17,8 @@ import random
 import signal
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +77,7 @@ def memory_limit() -> int | None:
     return int(raw) if raw else None
 
 
-def wrap_embedder(embedder):  # type: ignore[no-untyped-def]
+def wrap_embedder(embedder: Any) -> Any:
     """The embedder itself, or a proxy that fails like a small device when faults are set."""
     if "EMBED_JOB_FAULT" not in os.environ and memory_limit() is None:
         return embedder
@@ -86,10 +88,10 @@ class _FaultyEmbedder:
     """Same interface; embeds batch by batch so a failure is the oldest batch's, as with a
     real backend."""
 
-    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, inner: Any) -> None:
         self._inner = inner
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
@@ -100,6 +102,7 @@ class _FaultyEmbedder:
         fault_point("during_embed")
         return self._inner.embed_batch(batch)
 
-    def embed_stream(self, batches):  # type: ignore[no-untyped-def]
+    def embed_stream(self, batches: Iterable[tuple[Any, Sequence[Sequence[int]]]]
+                     ) -> Iterator[tuple[Any, np.ndarray]]:
         for key, batch in batches:
             yield key, self.embed_batch(batch)

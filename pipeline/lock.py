@@ -23,7 +23,7 @@ class JobLock:
         self.path = directory / "lock"
         self._fd: int | None = None
 
-    def acquire(self) -> "JobLock":
+    def acquire(self) -> JobLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -44,7 +44,7 @@ class JobLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "JobLock":
+    def __enter__(self) -> JobLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -54,7 +54,7 @@ def check_identity(job: Job, sync: SyncState, restart: bool) -> None:
     sync.set_identity(mine)
 
 
-def check_destination(ctx: "JobContext", sync: SyncState, probe: Sink, mode: str | None,
+def check_destination(ctx: JobContext, sync: SyncState, probe: Sink, mode: str | None,
                       report: RunReport) -> bool:
     """Check the published name and the live generation against this job's state, adopting
     or resetting the state where the destination says so. True when an unfinished run must

@@ -22,8 +22,15 @@ from pipeline.config import BatchingConfig
 from pipeline.errors import InputError
 from pipeline.faults import fault_point
 from pipeline.keys import chunk_pk
-from pipeline.planning import (DUPLICATE, SKIPPED_UNCHANGED, UNREADABLE, PlanRow, PlanStore,
-                               WindowBuilder, WindowStats)
+from pipeline.planning import (
+    DUPLICATE,
+    SKIPPED_UNCHANGED,
+    UNREADABLE,
+    PlanRow,
+    PlanStore,
+    WindowBuilder,
+    WindowStats,
+)
 from pipeline.records import DeadLetter, Document
 
 

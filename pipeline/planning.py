@@ -93,7 +93,7 @@ class WindowStats:
         return {b"embed_job.window": json.dumps(self.__dict__).encode()}
 
     @classmethod
-    def from_meta(cls, meta: dict[bytes, bytes]) -> "WindowStats":
+    def from_meta(cls, meta: dict[bytes, bytes]) -> WindowStats:
         return cls(**json.loads(meta[b"embed_job.window"]))
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pipeline.runner import JobContext
 
 
-def publish_run(ctx: "JobContext", checkpoint: Checkpoint, sync: SyncState, sink: Sink,
+def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: Sink,
                 report: RunReport, dead: DeadLetterFile, accept_missing_files: bool = False
                 ) -> None:
     job, run = ctx.job, checkpoint.run
@@ -72,7 +72,7 @@ def publish_run(ctx: "JobContext", checkpoint: Checkpoint, sync: SyncState, sink
     _finish(ctx, report, counts, sum(actual.values()))
 
 
-def _finish(ctx: "JobContext", report: RunReport, counts: SyncCounts, vectors: int) -> None:
+def _finish(ctx: JobContext, report: RunReport, counts: SyncCounts, vectors: int) -> None:
     shutil.rmtree(ctx.run_dir, ignore_errors=True)
     report.docs_added, report.docs_updated = counts.added, counts.updated
     report.docs_unchanged, report.docs_deleted = counts.unchanged, counts.deleted

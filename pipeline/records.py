@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # Verification counts vectors per first hex digit of their document's content hash: cheap on
 # every destination (16 filtered counts), and a lost window or a foreign writer shows up.
 HASH_BUCKETS = "0123456789abcdef"

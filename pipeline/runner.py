@@ -39,8 +39,8 @@ from pipeline.planning import PlannedBatch, PlanStore, WindowStats, window_of
 from pipeline.progress import Progress, progress_bar
 from pipeline.publish import publish_run
 from pipeline.readers import check_source, read_documents, source_files
-from pipeline.replan import forget_unfinished, resync_plan
 from pipeline.records import DeadLetter
+from pipeline.replan import forget_unfinished, resync_plan
 from pipeline.report import RunReport
 from pipeline.secrets import mask_uri
 from pipeline.signals import Interrupted, graceful_stop
@@ -72,7 +72,7 @@ class JobContext:
     fingerprint: str
 
     @classmethod
-    def load(cls, job: Job) -> "JobContext":
+    def load(cls, job: Job) -> JobContext:
         info = load_model_info(job)
         check_sink(job)
         pooling = info.pooling if job.model.pooling == "auto" else job.model.pooling
@@ -121,7 +121,7 @@ class _Planner:
         self.waited_s = 0.0  # consumer time spent waiting for a window to be planned
         self._thread = threading.Thread(target=self._run, name="embed-job-planner", daemon=True)
 
-    def start(self) -> "_Planner":
+    def start(self) -> _Planner:
         self._thread.start()
         return self
 
@@ -162,7 +162,7 @@ def _start_run(ctx: JobContext, sync: SyncState, checkpoint: Checkpoint, mode: s
     checkpoint.run = {
         "generation": generation,
         "target": target_name(ctx.job.sink, ctx.job.collection_name, ctx.fingerprint, generation),
-        "base": published.target if same else None,
+        "base": published.target if published is not None and same else None,
         "skip_unchanged": same and mode == "incremental",
         "mode": mode,
         "plan_settings": ctx.job.plan_settings(),

@@ -63,7 +63,7 @@ class Writer:
         self._ended: set[int] = set()
         self._thread = threading.Thread(target=self._loop, name="embed-job-writer", daemon=True)
 
-    def start(self) -> "Writer":
+    def start(self) -> Writer:
         self._thread.start()
         return self
 

@@ -28,8 +28,16 @@ def ranks_file() -> Path:
 
 def build_qwen_tokenizer_dir(directory: Path) -> Path:
     """Write the Qwen3 vocabulary's tokenizer.json and tokenizer_config.json into ``directory``."""
-    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                            pre_tokenizers, processors)
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     # Merges derived from the ranks: each token splits into two lower-ranked ones.

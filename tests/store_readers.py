@@ -63,7 +63,7 @@ def milvus_state_in_subprocess(uri: Path, alias: str) -> tuple[dict[str, dict], 
     import subprocess
     import sys
 
-    code = (
+    code = (  # noqa: UP031 - %r quotes the paths for the child's source
         "import pickle, sys\n"
         "sys.path.insert(0, %r)\n"
         "from store_readers import milvus_rows\n"

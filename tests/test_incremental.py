@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import demo_docs, make_job
-from pipeline.cli import main
 from store_readers import assert_same_store, milvus_rows, milvus_state_in_subprocess, parquet_rows
+
+from pipeline.cli import main
 
 ALL = demo_docs(24)
 SYNC = {"chunking": {"max_tokens": 64, "overlap_tokens": 0},

@@ -16,15 +16,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import build_tiny_qwen3
 
 from pipeline.config import ModelConfig
 from pipeline.embedders import make_embedder
-from pipeline.embedders.packed import (PackedDecoder, UnsupportedModel, pack,
-                                       reference_varlen_attention, split_for_packing)
+from pipeline.embedders.packed import (
+    PackedDecoder,
+    UnsupportedModel,
+    pack,
+    reference_varlen_attention,
+    split_for_packing,
+)
 from pipeline.embedders.transformers_backend import TransformersEmbedder, padded_groups
 from pipeline.errors import ConfigError
 from pipeline.models import read_model_info, resolve_model_dir
-from tiny_models import build_tiny_qwen3
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -9,8 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.execution import SafeBudget, split_to_fit
-from pipeline.planning import (PlanRow, PlanStore, WindowBuilder, make_batch_id, pack_batches,
-                               window_of)
+from pipeline.planning import (
+    PlanRow,
+    PlanStore,
+    WindowBuilder,
+    make_batch_id,
+    pack_batches,
+    window_of,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -93,6 +99,7 @@ def test_windows_are_bounded_by_tokens_whatever_the_chunk_count(tmp_path: Path,
     """Host memory follows the window, so a window is cut by tokens as well as by chunks: long
     chunks cannot make a window of sort_window chunks arbitrarily large."""
     from conftest import demo_docs
+
     from pipeline.chunking import Chunker, ModelTokenizer
     from pipeline.config import BatchingConfig, ChunkingConfig
     from pipeline.planner import build_plan

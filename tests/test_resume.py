@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import demo_docs, make_job
-from pipeline.cli import main
 from store_readers import assert_same_store, milvus_rows, parquet_rows, wait_for_first_ack
+
+from pipeline.cli import main
 
 DOCS = demo_docs(14)
 # small windows and batches so that a run has many of both to be killed between

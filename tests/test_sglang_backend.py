@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tiny_models import build_tiny_qwen3
 
 from pipeline.config import ModelConfig, SGLangConfig
 from pipeline.embedders import make_embedder
@@ -25,7 +26,6 @@ from pipeline.embedders.sglang_backend import SGLangEmbedder
 from pipeline.embedders.transformers_backend import TransformersEmbedder
 from pipeline.errors import ConfigError
 from pipeline.models import read_model_info, resolve_model_dir
-from tiny_models import build_tiny_qwen3
 
 STANDINS = Path(__file__).parent / "standins"
 TEXTS = [

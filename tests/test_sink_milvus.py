@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from milvus_server import DIM, OK_LINE, make_batch, milvus_server_bin, run_scenario, wait_healthy
 
-from milvus_server import (DIM, OK_LINE, make_batch, milvus_server_bin, run_scenario,
-                           wait_healthy)
 from pipeline.config import IndexConfig, SinkConfig
 from pipeline.errors import SinkError, TransientError
 from pipeline.sinks import make_sink

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from milvus_server import DIM, make_batch
+
+from pipeline.atomic import atomic_path, atomic_write_bytes
 from pipeline.config import SinkConfig
 from pipeline.errors import SinkError
 from pipeline.sinks import make_sink
-from pipeline.atomic import atomic_path, atomic_write_bytes
 from pipeline.sinks.parquet import ParquetSink
 
 META = {"model": "tiny", "fingerprint": "abc123"}

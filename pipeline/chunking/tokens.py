@@ -62,7 +62,7 @@ class ModelTokenizer:
                                     else self._backend.to_str().encode())
 
     @classmethod
-    def from_model_dir(cls, path: Path, pooling: Pooling) -> "ModelTokenizer":
+    def from_model_dir(cls, path: Path, pooling: Pooling) -> ModelTokenizer:
         path = Path(path)
         tok_file = path / "tokenizer.json"
         source = tok_file.read_bytes() if tok_file.exists() else None

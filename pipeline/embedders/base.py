@@ -36,7 +36,7 @@ class Embedder(ABC):
     def close(self) -> None:
         """Release the device / engine. Safe to call twice."""
 
-    def __enter__(self) -> "Embedder":
+    def __enter__(self) -> Embedder:
         return self
 
     def __exit__(self, *exc: object) -> None:

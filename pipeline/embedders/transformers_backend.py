@@ -117,7 +117,7 @@ class TransformersEmbedder(Embedder):
     # ------------------------------------------------------------------ setup
 
     def _setup_packing(self, info: ModelInfo, packing: Switch, compile: Switch) -> None:
-        from pipeline.embedders.packed import UnsupportedModel, PackedDecoder
+        from pipeline.embedders.packed import PackedDecoder, UnsupportedModel
 
         if packing == "off" or (packing == "auto" and self.device.type != "cuda"):
             if compile == "on":
@@ -126,6 +126,7 @@ class TransformersEmbedder(Embedder):
             return
         use_compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
         try:
+            assert self._model is not None
             self._packed = PackedDecoder(self._model, self.pooling, compile=use_compile)
         except UnsupportedModel as e:
             if packing == "on":
@@ -200,7 +201,7 @@ class TransformersEmbedder(Embedder):
         """Queue the packed forward passes of a batch; returns what ``_wait`` needs."""
         from pipeline.embedders.packed import pack, split_for_packing
 
-        parts = []
+        parts: list[tuple[torch.Tensor, torch.cuda.Event | None, Any, Any]] = []
         for s, e in split_for_packing(lengths, self.packed_tokens):
             p = pack(batch[s:e])
             host = torch.from_numpy(np.stack([p.ids, p.positions]))

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from pipeline.config import SourceConfig
 from pipeline.errors import InputError
-from pipeline.records import DeadLetter, Document
 from pipeline.readers.hf import read_hf
 from pipeline.readers.jsonl import read_jsonl
 from pipeline.readers.parquet import check_parquet, read_parquet
 from pipeline.readers.rows import expand_paths
+from pipeline.records import DeadLetter, Document
 
 FileReader = Callable[[Path, SourceConfig, Callable[[DeadLetter], None]], Iterator[Document]]
 

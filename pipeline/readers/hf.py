@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import datasets
 import huggingface_hub
@@ -19,10 +19,10 @@ from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
 from pipeline.config import SourceConfig
 from pipeline.errors import InputError
-from pipeline.records import DeadLetter, Document
 from pipeline.readers.rows import expand_paths, one_line, projection, row_to_document
+from pipeline.records import DeadLetter, Document
 
-AnyDataset = datasets.Dataset | datasets.IterableDataset
+AnyDataset: TypeAlias = "datasets.Dataset | datasets.IterableDataset"
 
 # "Bad split: x. Available splits: ['train']" / 'Unknown split "x". Should be one of [...]'
 _SPLIT_LIST = re.compile(r"(?:Available splits:|Should be one of)\s*(\[[^\]]*\])")
@@ -63,6 +63,7 @@ def _rows(ds: AnyDataset, label: str) -> Iterator[dict[str, Any]]:
 
 
 def _load(source: SourceConfig, resolve: Callable[[str], Path], label: str) -> AnyDataset:
+    assert source.dataset is not None  # SourceConfig requires it for kind hf
     local = resolve(source.dataset)
     if _is_saved_dataset(local):
         return _from_disk(local, source.split, label)

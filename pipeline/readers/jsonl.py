@@ -12,8 +12,8 @@ from typing import Any
 
 from pipeline.config import SourceConfig
 from pipeline.errors import InputError
-from pipeline.records import DeadLetter, Document
 from pipeline.readers.rows import BadRow, one_line, reject, row_to_document
+from pipeline.records import DeadLetter, Document
 
 
 def read_jsonl(path: Path, source: SourceConfig,

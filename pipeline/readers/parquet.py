@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import SourceConfig
 from pipeline.errors import InputError
-from pipeline.records import DeadLetter, Document
 from pipeline.readers.rows import one_line, projection, row_to_document
+from pipeline.records import DeadLetter, Document
 
 BATCH_ROWS = 1024
 

@@ -270,6 +270,7 @@ def _build(row: Mapping[str, Any], where: str, source: SourceConfig) -> Document
         doc_id = content_hash(text)
     metadata = {name: _metadata_value(row.get(name), name, doc_id)
                 for name in source.metadata_fields}
+    assert doc_id is not None  # an absent id became the content hash or a BadRow above
     return Document(doc_id=doc_id, text=text, source=where, metadata=metadata)
 
 

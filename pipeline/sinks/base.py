@@ -47,7 +47,7 @@ class GenerationMark:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | None) -> "GenerationMark | None":
+    def from_json(cls, text: str | None) -> GenerationMark | None:
         """The mark, or None for anything else (a hand-made target, another tool's text)."""
         try:
             value = json.loads(text or "")

@@ -28,7 +28,13 @@ from pipeline.errors import SinkError, TransientError
 from pipeline.records import HASH_BUCKETS
 from pipeline.secrets import mask_uri
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
-from pipeline.sinks.fields import MAX_DOC_ID_BYTES, MAX_VARCHAR_BYTES, checked_vectors, metadata_json, truncate_utf8
+from pipeline.sinks.fields import (
+    MAX_DOC_ID_BYTES,
+    MAX_VARCHAR_BYTES,
+    checked_vectors,
+    metadata_json,
+    truncate_utf8,
+)
 
 T = TypeVar("T")
 

@@ -41,7 +41,7 @@ SERVER_ARGS = frozenset({
 })
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
-ENGINES: list["Engine"] = []
+ENGINES: list[Engine] = []
 
 
 class Engine:
