@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -156,10 +157,44 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def main() -> int:
-    """Run inside a fresh network namespace: bring up lo, start, test, stop."""
-    from pipeline.sinks.milvus import MilvusSink
+def run_script_in_namespace(script: Path, ok_line: str, timeout: float = 400.0) -> str:
+    """Run a server script under ``unshare -n`` from a test (skipping where that cannot
+    work); fail unless it exits 0 after printing ``ok_line``. Returns its output."""
+    import pytest
 
+    if milvus_server_bin() is None:
+        pytest.skip("milvus-server is not installed (pip install milvus)")
+    try:
+        usable = shutil.which("unshare") is not None and subprocess.run(
+            ["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        usable = False
+    if not usable:
+        pytest.skip("`unshare -n` is not permitted here (needs root or user namespaces)")
+    proc = subprocess.Popen(["unshare", "-n", sys.executable, str(script)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the scripts stop their servers on SIGTERM
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"{script.name} timed out:\n{out[-4000:]}")
+    assert proc.returncode == 0 and ok_line in out, out[-6000:]
+    return out
+
+
+def print_server_logs(data_dir: Path) -> None:
+    """The ends of a failed server's logs, for the test's output."""
+    for log in (data_dir / "server.log", data_dir / "logs" / "milvus-stdout.log"):
+        if log.exists():
+            print(f"--- {log.name}:", log.read_text(errors="replace")[-2000:])
+
+
+def serve_in_namespace(scenario: Callable[[str, Path], None], ok_line: str) -> int:
+    """The body of a server script run under ``unshare -n``: bring up lo, start a server on a
+    throwaway data dir, run ``scenario(uri, data_dir)``, stop it by process group; 0 after
+    printing ``ok_line``, 1 with the traceback and the server's logs."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the test's timeout: clean up
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     uri = f"http://127.0.0.1:{PORT}"
@@ -168,18 +203,44 @@ def main() -> int:
         try:
             print(f"healthy after {wait_healthy(proc, uri):.1f} s", flush=True)
             t = time.monotonic()
-            run_scenario(lambda: MilvusSink(uri, "scenario"))
+            scenario(uri, Path(tmp))
             print(f"scenario took {time.monotonic() - t:.1f} s", flush=True)
         except Exception:  # noqa: BLE001 - reported through the exit code and output
             traceback.print_exc()
-            for log in (Path(tmp) / "server.log", Path(tmp) / "logs" / "milvus-stdout.log"):
-                if log.exists():
-                    print(f"--- {log.name}:", log.read_text(errors="replace")[-2000:])
+            print_server_logs(Path(tmp))
             return 1
         finally:
             stop_server(proc)
-    print(OK_LINE, flush=True)
+    print(ok_line, flush=True)
     return 0
+
+
+@contextmanager
+def lite_server(data_dir: Path) -> Iterator[str]:
+    """A plain ``milvus-lite server`` on a free localhost port; yields its http:// URI."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def main() -> int:
+    """The sink scenario against the server (see the module docstring)."""
+    from pipeline.sinks.milvus import MilvusSink
+
+    return serve_in_namespace(lambda uri, _: run_scenario(lambda: MilvusSink(uri, "scenario")),
+                              OK_LINE)
 
 
 if __name__ == "__main__":

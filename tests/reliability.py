@@ -16,7 +16,7 @@ import pytest
 
 ENV_VAR = "EMBED_JOB_WRITE_RELIABILITY"
 COMMAND = (f"{ENV_VAR}=1 python -m pytest tests/test_bad_input.py tests/test_faults.py "
-           "tests/test_data_safety.py")
+           "tests/test_data_safety.py tests/test_first_contact.py")
 TABLE_PATH = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
 

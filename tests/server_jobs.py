@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +21,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from conftest import demo_docs, make_job  # noqa: E402
-from milvus_server import PORT, start_server, stop_server, wait_healthy  # noqa: E402
+from milvus_server import PORT, serve_in_namespace  # noqa: E402
 
 URI = f"http://127.0.0.1:{PORT}"
 OK_LINE = "server data-safety scenario ok"
@@ -91,21 +88,8 @@ def scenario(tmp: Path) -> None:
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     os.environ.pop("EMBED_JOB_FAULT", None)
-    with tempfile.TemporaryDirectory(prefix="server-jobs-", ignore_cleanup_errors=True) as tmp:
-        proc = start_server(Path(tmp))
-        try:
-            print(f"healthy after {wait_healthy(proc, URI):.1f} s", flush=True)
-            scenario(Path(tmp) / "jobs")
-        except Exception:  # noqa: BLE001 - reported through the exit code and output
-            traceback.print_exc()
-            return 1
-        finally:
-            stop_server(proc)
-    print(OK_LINE, flush=True)
-    return 0
+    return serve_in_namespace(lambda _, data: scenario(data / "jobs"), OK_LINE)
 
 
 if __name__ == "__main__":

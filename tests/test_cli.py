@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -359,27 +360,12 @@ def test_server_destination_offline_and_unreachable(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def lite_server(tmp_path: Path):
+def lite_server(tmp_path: Path) -> Iterator[str]:
     """``milvus-lite server`` on localhost: a server URI without a server install."""
-    import socket
-    import subprocess
-    import sys
+    from milvus_server import lite_server as serve
 
-    from milvus_server import wait_healthy
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "served.db"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout=30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+    with serve(tmp_path / "served.db") as uri:
+        yield uri
 
 
 def test_server_destination_is_checked_over_the_network(tmp_path: Path, lite_server: str) -> None:

@@ -29,7 +29,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import make_job
-from milvus_server import milvus_server_bin, start_server, stop_server, wait_healthy
+from milvus_server import (
+    print_server_logs,
+    run_script_in_namespace,
+    start_server,
+    stop_server,
+)
 from pymilvus import MilvusException
 
 from pipeline.cli import main
@@ -111,17 +116,10 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def lite_server(tmp_path: Path) -> Iterator[str]:
     """A plain (no TLS, no authentication) ``milvus-lite server`` on localhost."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "served.db"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout=30)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+    from milvus_server import lite_server as serve
+
+    with serve(tmp_path / "served.db") as uri:
+        yield uri.removeprefix("http://")
 
 
 # ---------------------------------------------------------------------------- masking
@@ -402,36 +400,14 @@ def test_refusals_are_terminal(cause: grpc.RpcError, hint: str) -> None:
 # ------------------------------------------------------- a real server with TLS and auth
 
 
-def _unshare_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.mark.server
 def test_tls_and_authentication_against_a_real_server() -> None:
     """Mutual and one-way TLS, a refused token and a refused URI password, an untrusted
     certificate name, against Milvus 2.3 with ``authorizationEnabled`` in a network namespace."""
-    if milvus_server_bin() is None:
-        pytest.skip("milvus-server is not installed (pip install milvus)")
-    if not _unshare_works():
-        pytest.skip("`unshare -n` is not permitted here (needs root or user namespaces)")
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
-    proc = subprocess.Popen(["unshare", "-n", sys.executable, __file__], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        out, _ = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the script stops its server on SIGTERM
-        out, _ = proc.communicate(timeout=30)
-        pytest.fail(f"server checks timed out:\n{out[-4000:]}")
-    assert proc.returncode == 0 and OK_LINE in out, out[-6000:]
+    run_script_in_namespace(Path(__file__), OK_LINE)
+
 
 
 SERVER_URI = "http://127.0.0.1:19530"
@@ -530,9 +506,7 @@ def _server_main() -> int:
                 checks(root / f"jobs-{mode}", certs)
             except Exception:  # noqa: BLE001 - reported through the exit code and output
                 traceback.print_exc()
-                for log in (data / "server.log", data / "logs" / "milvus-stdout.log"):
-                    if log.exists():
-                        print(f"--- {log.name}:", log.read_text(errors="replace")[-2000:])
+                print_server_logs(data)
                 return 1
             finally:
                 stop_server(proc)

@@ -400,18 +400,11 @@ def test_mode_on_the_command_line_is_never_silently_ignored(tmp_path: Path) -> N
 
 @pytest.mark.server
 def test_server_keeps_foreign_collections_and_rebuilds_a_lost_state() -> None:
-    from milvus_server import milvus_server_bin
+    from milvus_server import run_script_in_namespace
     from server_jobs import OK_LINE
 
-    if milvus_server_bin() is None:
-        pytest.skip("milvus-server is not installed (pip install milvus)")
-    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
-        pytest.skip("`unshare -n` is not permitted here (needs root or user namespaces)")
-    script = Path(__file__).with_name("server_jobs.py")
-    done = subprocess.run(["unshare", "-n", sys.executable, str(script)], text=True,
-                          capture_output=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 0 and OK_LINE in done.stdout, (done.stdout + done.stderr)[-4000:]
+    out = run_script_in_namespace(Path(__file__).with_name("server_jobs.py"), OK_LINE, 600)
+
     record(CATEGORY, "real Milvus server: hand-made t__my_backup, a second job, lost state",
            "foreign collections kept, second job refused, state rebuilt from the server",
-           done.stdout.strip().splitlines()[-2][:150])
+           out.strip().splitlines()[-2][:150])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from milvus_server import DIM, OK_LINE, make_batch, milvus_server_bin, run_scenario, wait_healthy
+from milvus_server import (
+    DIM,
+    OK_LINE,
+    make_batch,
+    run_scenario,
+    run_script_in_namespace,
+    wait_healthy,
+)
 
 from pipeline.config import IndexConfig, SinkConfig
 from pipeline.errors import SinkError, TransientError
@@ -213,31 +218,8 @@ def test_unreachable_server_is_transient() -> None:
         sink.on_write_start(DIM)
 
 
-def _unshare_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.mark.server
 def test_server_scenario() -> None:
     """The same scenario against a real Milvus 2.3 server in an isolated network namespace."""
-    if milvus_server_bin() is None:
-        pytest.skip("milvus-server is not installed (pip install milvus)")
-    if not _unshare_works():
-        pytest.skip("`unshare -n` is not permitted here (needs root or user namespaces)")
-    script = Path(__file__).with_name("milvus_server.py")
-    proc = subprocess.Popen(["unshare", "-n", sys.executable, str(script)], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        out, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the script stops its server on SIGTERM
-        out, _ = proc.communicate(timeout=30)
-        pytest.fail(f"server scenario timed out:\n{out[-4000:]}")
-    assert proc.returncode == 0 and OK_LINE in out, out[-4000:]
+    run_script_in_namespace(Path(__file__).with_name("milvus_server.py"), OK_LINE, timeout=150)
+
