@@ -1,16 +1,14 @@
-"""The ``embed-job`` command line.
+"""The ``embed-job`` command line: commands, one-line errors and warnings, reports.
 
-Exit codes: 0 done (documents embedded, synced), 1 internal error (a bug: traceback shown),
-2 bad job/input/destination, 3 unfinished run of a different job configuration,
-4 another run holds the lock, 5 nothing to do (incremental run, no document changed),
-6 the destination stayed unavailable through every retry (try again later),
-130/143 stopped by SIGINT/SIGTERM after checkpointing (resumable).
+The exit codes are ``pipeline.errors``' EXIT_* table (and the group help lists them); 1 is
+an internal error, the only case with a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,15 +18,20 @@ import click
 import yaml
 
 from pipeline.config import Job, load_job
-from pipeline.errors import JobError, TransientError
+from pipeline.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_NOTHING_TO_DO,
+    EXIT_SIGNAL_BASE,
+    EXIT_UNAVAILABLE,
+    JobError,
+    TransientError,
+)
 from pipeline.secrets import MASK, quiet_client_logs, redact, redacted_logging
 
 if TYPE_CHECKING:
     from pipeline.report import RunReport
 
-EXIT_INTERRUPTED = 130
-EXIT_NOTHING_TO_DO = 5
-EXIT_UNAVAILABLE = 6
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
 
 # gRPC's C core logs a failed TLS handshake at INFO on stderr, beside our one-line error.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -156,7 +159,7 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
         except OSError as e:  # the machine, not the job: a full disk, a read-only directory
             report.status, report.error = "failed", _os_error(e)
             out.error(redact(_os_error(e), secrets))
-            sys.exit(2)
+            sys.exit(EXIT_BAD_INPUT)
         finally:
             for warning in report.warnings:
                 out.warn(redact(warning, secrets))
@@ -247,7 +250,7 @@ def validate(job_file: Path, offline: bool) -> None:
             click.echo(prefix + redact(line, secrets), err=True)
     if found.problems:
         only_unreachable = found.unreachable and len(found.problems) == 1
-        sys.exit(EXIT_UNAVAILABLE if only_unreachable else 2)
+        sys.exit(EXIT_UNAVAILABLE if only_unreachable else EXIT_BAD_INPUT)
     click.echo(_resolved(job), nl=False)
     click.echo(f"# {job_file}: OK", err=True)
 

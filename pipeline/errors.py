@@ -1,6 +1,17 @@
-"""Error kinds, split the way a scheduler needs them: stop now, or try again."""
+"""Error kinds, split the way a scheduler needs them: stop now, or try again; and the one
+table of exit codes the command line returns."""
 
 from __future__ import annotations
+
+import signal
+
+# exit codes of `embed-job` (the README and `embed-job --help` list the same)
+EXIT_BAD_INPUT = 2  # JobError: bad job file, input or destination, too many dead letters
+EXIT_OTHER_CONFIGURATION = 3  # FingerprintMismatch
+EXIT_LOCKED = 4  # JobLocked
+EXIT_NOTHING_TO_DO = 5
+EXIT_UNAVAILABLE = 6  # TransientError after every retry
+EXIT_SIGNAL_BASE = 128  # Interrupted: 128 + the signal (130 SIGINT, 143 SIGTERM)
 
 
 class JobError(Exception):
@@ -10,7 +21,7 @@ class JobError(Exception):
     without a traceback.
     """
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 class ConfigError(JobError):
@@ -28,8 +39,24 @@ class SinkError(JobError):
 class FingerprintMismatch(JobError):
     """The checkpoint was made by a job whose vectors would differ from this one's."""
 
-    exit_code = 3
+    exit_code = EXIT_OTHER_CONFIGURATION
 
 
 class TransientError(Exception):
     """A failure worth retrying (connection refused, timeout, rate limit)."""
+
+
+class JobLocked(JobError):
+    """Another live process holds this job's lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class Interrupted(JobError):
+    """The run stopped on a signal after checkpointing; running it again resumes."""
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; progress is checkpointed — run the same command "
+                         f"to resume")
+        self.exit_code = EXIT_SIGNAL_BASE + signum

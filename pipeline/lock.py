@@ -6,13 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from pipeline.errors import JobError
-
-
-class JobLocked(JobError):
-    """Another live process holds this job's lock."""
-
-    exit_code = 4
+from pipeline.errors import JobLocked
 
 
 class JobLock:

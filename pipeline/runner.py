@@ -28,7 +28,7 @@ from pipeline.config import Job
 from pipeline.dead_letters import DeadLetterFile
 from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
-from pipeline.errors import JobError
+from pipeline.errors import Interrupted, JobError
 from pipeline.execution import ResilientEmbedding, SafeBudget
 from pipeline.faults import fault_point, wrap_embedder
 from pipeline.lock import JobLock
@@ -43,7 +43,7 @@ from pipeline.records import DeadLetter
 from pipeline.replan import forget_unfinished, resync_plan
 from pipeline.report import RunReport
 from pipeline.secrets import mask_uri
-from pipeline.signals import Interrupted, graceful_stop
+from pipeline.signals import graceful_stop
 from pipeline.sinks import doc_id_limit, make_sink, target_name
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 from pipeline.sync_state import SyncState

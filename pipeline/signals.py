@@ -7,18 +7,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pipeline.errors import JobError
-
-
-class Interrupted(JobError):
-    """The run stopped on a signal after checkpointing; running it again resumes."""
-
-    def __init__(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name}; progress is checkpointed — run the same command "
-                         f"to resume")
-        self.exit_code = 128 + signum
-
 
 @contextmanager
 def graceful_stop() -> Iterator[threading.Event]:
