@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.atomic import atomic_path, seal, unseal
 from pipeline.errors import FingerprintMismatch, JobError
 from pipeline.faults import fault_point
+from pipeline.layout import checkpoint_file
 from pipeline.planning import window_of
 
 FORMAT = 1
@@ -38,7 +39,7 @@ class Checkpoint:
         A ledger written by a job whose vectors would differ is refused: resuming would
         mix two embeddings under one index.
         """
-        path = directory / "checkpoint.json"
+        path = checkpoint_file(directory)
         if not path.exists():
             return cls(path=path, fingerprint=fingerprint)
         state = _read_verified(path)
@@ -123,5 +124,5 @@ def _read_verified(path: Path) -> dict[str, Any]:
 
 def read_state(directory: Path) -> dict[str, Any] | None:
     """The raw ledger, for `embed-job status` (verified, no fingerprint check)."""
-    path = directory / "checkpoint.json"
+    path = checkpoint_file(directory)
     return _read_verified(path) if path.exists() else None

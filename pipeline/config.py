@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.layout import StateDir
 from pipeline.secrets import uri_secret
 
 
@@ -305,10 +306,15 @@ class Job(_Strict):
         return self.resolve(self.checkpoint_dir or f".embed-job/{self.name}")
 
     @property
+    def state(self) -> StateDir:
+        """The files of the checkpoint directory."""
+        return StateDir(self.checkpoint_path)
+
+    @property
     def dead_letter_file(self) -> Path:
         if self.dead_letter_path:
             return self.resolve(self.dead_letter_path)
-        return self.checkpoint_path / "dead_letters.jsonl"
+        return self.state.dead_letters
 
     @property
     def collection_name(self) -> str:

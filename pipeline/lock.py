@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import JobLocked
+from pipeline.layout import StateDir
 
 
 class JobLock:
@@ -14,7 +15,7 @@ class JobLock:
     left by a killed run never blocks the next one."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / "lock"
+        self.path = StateDir(directory).lock
         self._fd: int | None = None
 
     def acquire(self) -> JobLock:

@@ -17,7 +17,7 @@ from pipeline.sync_state import SyncState
 def preview(job: Job, mode: str | None) -> str:
     ctx = JobContext.load(job)
     mode = mode or job.sync.mode
-    state_path = job.checkpoint_path / "sync.sqlite"
+    state_path = job.state.sync_db
     bad: list[DeadLetter] = []
     docs = read_documents(job.source, job.resolve, bad.append)
     if not state_path.exists():

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline.checkpoint import Checkpoint, read_state
 from pipeline.dead_letters import DeadLetterFile
 from pipeline.errors import JobError
+from pipeline.layout import plan_dir
 from pipeline.planner import RejectedRows, verify_prefix
 from pipeline.planning import PlanStore
 from pipeline.records import Document
@@ -90,7 +91,7 @@ def forget_unfinished(run_dir: Path, sync: SyncState) -> None:
     run = (state or {}).get("run") or {}
     if state is not None and run.get("base") != run.get("target"):
         return  # it wrote into a generation of its own, which the next build discards
-    sync.forget_docs(d for f in sorted((run_dir / "plan").glob("docs-*.parquet"))
+    sync.forget_docs(d for f in sorted(plan_dir(run_dir).glob("docs-*.parquet"))
                      for d, n in _doc_counts(f) if n > 0)
 
 

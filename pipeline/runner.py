@@ -93,7 +93,7 @@ class JobContext:
 
     @property
     def run_dir(self) -> Path:
-        return self.job.checkpoint_path / "run"
+        return self.job.state.run_dir
 
     def discard_run(self) -> None:
         """Remove the unfinished run (ledger and plan)."""
@@ -103,7 +103,7 @@ class JobContext:
     @cached_property
     def plan_store(self) -> PlanStore:
         """One instance for the run: it caches the plan's manifest, which it alone writes."""
-        return PlanStore(self.run_dir / "plan")
+        return PlanStore(self.job.state.plan_dir)
 
 
 class _Planner:
@@ -206,7 +206,7 @@ def _run_locked(job: Job, options: RunOptions, report: RunReport,
     report.fingerprint = ctx.fingerprint
     _stop_point(stop)
     with JobLock(job.checkpoint_path):
-        sync = SyncState(job.checkpoint_path / "sync.sqlite")
+        sync = SyncState(job.state.sync_db)
         try:
             check_identity(job, sync, options.restart)
             if options.restart:

@@ -8,6 +8,7 @@ from typing import Any
 from pipeline.checkpoint import read_state
 from pipeline.config import Job
 from pipeline.dead_letters import DeadLetterFile
+from pipeline.layout import plan_dir
 from pipeline.planning import PlanStore
 from pipeline.sync_state import SyncState
 
@@ -15,8 +16,8 @@ from pipeline.sync_state import SyncState
 def job_status(job: Job) -> dict[str, Any]:
     ckpt = job.checkpoint_path
     out: dict[str, Any] = {"job": job.name, "checkpoint": str(ckpt)}
-    out.update(_published(ckpt / "sync.sqlite"))
-    run = _run(ckpt / "run")
+    out.update(_published(job.state.sync_db))
+    run = _run(job.state.run_dir)
     out.update(run)
     if run:
         out["state"] = "in progress" if run["plan_complete"] else "in progress (plan incomplete)"
@@ -48,7 +49,7 @@ def _published(path: Path) -> dict[str, Any]:
 
 def _run(run_dir: Path) -> dict[str, Any]:
     state = read_state(run_dir)
-    store = PlanStore(run_dir / "plan")
+    store = PlanStore(plan_dir(run_dir))
     stats = store.all_stats()
     if state is None and not stats:
         return {}

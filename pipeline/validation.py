@@ -305,7 +305,7 @@ def _sync_state(job: Job) -> tuple[dict[str, Any] | None, dict[str, str]]:
     file exists (``validate`` never creates it)."""
     from pipeline.sync_state import SyncState
 
-    path = job.checkpoint_path / "sync.sqlite"
+    path = job.state.sync_db
     if not path.is_file():
         return None, {}
     sync = SyncState(path)
