@@ -49,12 +49,12 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from pipeline.chunking import Chunker, ModelTokenizer
-    from pipeline.config import ChunkingConfig, load_job
     from pipeline.embedders.transformers_backend import TransformersEmbedder
-    from pipeline.models import read_model_info, resolve_model_dir
-    from pipeline.planning import pack_batches
+    from pipeline.job.config import ChunkingConfig, load_job
+    from pipeline.job.model_info import read_model_info, resolve_model_dir
+    from pipeline.plan.batching import pack_batches
     from pipeline.records import Document
-    from pipeline.runner import RunOptions, run_job
+    from pipeline.run.runner import RunOptions, run_job
 
     model_dir = resolve_model_dir(MINILM)
     tok = AutoTokenizer.from_pretrained(model_dir)

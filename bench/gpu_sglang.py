@@ -110,9 +110,9 @@ def main() -> int:
     t = time.monotonic()
     import sglang
 
-    from pipeline.config import SGLangConfig
     from pipeline.embedders.sglang_backend import SGLangEmbedder
-    from pipeline.models import read_model_info
+    from pipeline.job.config import SGLangConfig
+    from pipeline.job.model_info import read_model_info
 
     res.add(stage=f"{args.mode}:import", seconds=round(time.monotonic() - t, 1),
             sglang=sglang.__version__)
@@ -203,7 +203,7 @@ def main() -> int:
         if "long_32k" in stages and left() > 15:
             guarded("long_32k", long_chunk)
         def stream(flight_k: int | None) -> None:
-            from pipeline.planning import pack_batches
+            from pipeline.plan.batching import pack_batches
 
             srt = sorted(docs, key=len)
             lens = np.array([len(d) for d in srt])

@@ -133,8 +133,8 @@ def main() -> int:
 
     from pipeline.embedders.packed import reference_varlen_attention, varlen_attention
     from pipeline.embedders.transformers_backend import TransformersEmbedder
-    from pipeline.models import read_model_info
-    from pipeline.planning import pack_batches
+    from pipeline.job.model_info import read_model_info
+    from pipeline.plan.batching import pack_batches
 
     info = read_model_info(model_dir)
 

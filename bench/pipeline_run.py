@@ -82,12 +82,12 @@ def job_dict(name: str, corpus: Path, model_dir: Path, backend: str, work: Path,
 def run_pipeline(job: dict[str, Any], work: Path, embedder: Any | None = None) -> dict[str, Any]:
     """Write the job file, run it from scratch, return the measurements."""
     # what a fresh `embed-job run` process imports before it starts working: not run time
-    import pipeline.planner  # noqa: F401
+    import pipeline.plan.build  # noqa: F401
     import pipeline.readers.parquet  # noqa: F401
-    import pipeline.runner as runner
+    import pipeline.run.runner as runner
     import pipeline.sinks.parquet  # noqa: F401
-    from pipeline.config import load_job
-    from pipeline.runner import RunOptions, run_job
+    from pipeline.job.config import load_job
+    from pipeline.run.runner import RunOptions, run_job
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import click
 import yaml
 
-from pipeline.config import Job, load_job
 from pipeline.errors import (
     EXIT_BAD_INPUT,
     EXIT_NOTHING_TO_DO,
@@ -26,10 +25,11 @@ from pipeline.errors import (
     JobError,
     TransientError,
 )
+from pipeline.job.config import Job, load_job
 from pipeline.secrets import MASK, quiet_client_logs, redact, redacted_logging
 
 if TYPE_CHECKING:
-    from pipeline.report import RunReport
+    from pipeline.run.report import RunReport
 
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
 
@@ -116,9 +116,9 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
     documents that changed. Warnings (dead letters, deletions, anything refused) are printed
     even with --quiet; --report and --prom are written whatever happens.
     """
-    from pipeline.report import RunReport
-    from pipeline.runner import RunOptions, run_job
-    from pipeline.signals import graceful_stop
+    from pipeline.run.report import RunReport
+    from pipeline.run.runner import RunOptions, run_job
+    from pipeline.run.signals import graceful_stop
 
     out = _Console(log_format)
     report = RunReport(job=job_file.stem)
@@ -133,7 +133,7 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
                 raise
             report.job = job.name
             if dry_run:
-                from pipeline.preview import preview
+                from pipeline.run.preview import preview
 
                 report_path = prom_path = None  # a dry run writes nothing
                 click.echo(preview(job, mode))
@@ -235,7 +235,7 @@ def validate(job_file: Path, offline: bool) -> None:
       2  problems, one line each
       6  nothing else wrong, but the Milvus server did not answer (try again later)
     """
-    from pipeline.validation import validate_job
+    from pipeline.commands.validate import validate_job
 
     try:
         job = load_job(job_file)
@@ -266,7 +266,7 @@ def status(job_file: Path, as_json: bool) -> None:
     "plan incomplete" while the corpus is still being planned, when no percentage is known),
     and where the dead letters are, with their most common reasons.
     """
-    from pipeline.status import job_status
+    from pipeline.commands.status import job_status
 
     try:
         state = job_status(load_job(job_file))
@@ -313,12 +313,12 @@ def init(sink_kind: str, source_kind: str) -> None:
 
 
 def job_template(**choices: str) -> str:
-    """pipeline/job_template.yaml for these choices: a line ``#@ key=value`` starts lines
+    """pipeline/job/job_template.yaml for these choices: a line ``#@ key=value`` starts lines
     kept only when ``choices[key] == value``, up to the next ``#@`` line (``#@ end``: kept
     whatever the choice). One file holds every variant, so they cannot drift apart."""
     from importlib.resources import files
 
-    text = files("pipeline").joinpath("job_template.yaml").read_text(encoding="utf-8")
+    text = files("pipeline.job").joinpath("job_template.yaml").read_text(encoding="utf-8")
     lines, keep = [], True
     for line in text.splitlines(keepends=True):
         marker = line.strip()

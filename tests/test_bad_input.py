@@ -793,7 +793,7 @@ def test_duplicate_keys_at_every_level_one_line_each(tmp_path: Path) -> None:
 
 def test_yaml_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
     """``<<: *anchor`` then one of the anchor's keys is YAML's merge rule, not a repeated key."""
-    from pipeline.config import load_job
+    from pipeline.job.config import load_job
 
     job = make_job(tmp_path, short_docs(1), sink=PARQUET_SINK,
                    model={"sglang": {"extra": {"a": 1, "b": 2}}})

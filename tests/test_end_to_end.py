@@ -15,10 +15,10 @@ from store_readers import milvus_rows, parquet_rows
 
 from pipeline.chunking import Chunker
 from pipeline.cli import main
-from pipeline.config import load_job
+from pipeline.job.config import load_job
 from pipeline.keys import chunk_pk
 from pipeline.records import Document
-from pipeline.runner import JobContext
+from pipeline.run.runner import JobContext
 
 
 def expected_pks(job_path: Path, docs: list[dict]) -> set[str]:

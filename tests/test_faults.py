@@ -18,7 +18,7 @@ from conftest import demo_docs, make_job
 from reliability import record
 from store_readers import assert_same_store, milvus_rows, parquet_rows, wait_for_first_ack
 
-from pipeline.lock import JobLock
+from pipeline.state.lock import JobLock
 
 DOCS = demo_docs(14)
 # small windows and batches, so a run has many of both to be broken between

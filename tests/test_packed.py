@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from tiny_models import build_tiny_qwen3
 
-from pipeline.config import ModelConfig
 from pipeline.embedders import make_embedder
 from pipeline.embedders.packed import (
     PackedDecoder,
@@ -29,7 +28,8 @@ from pipeline.embedders.packed import (
 )
 from pipeline.embedders.transformers_backend import TransformersEmbedder, padded_groups
 from pipeline.errors import ConfigError
-from pipeline.models import read_model_info, resolve_model_dir
+from pipeline.job.config import ModelConfig
+from pipeline.job.model_info import read_model_info, resolve_model_dir
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,15 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.execution import SafeBudget, split_to_fit
-from pipeline.planning import (
-    PlanRow,
-    PlanStore,
-    WindowBuilder,
-    make_batch_id,
-    pack_batches,
-    window_of,
-)
+from pipeline.embedders.resilient import SafeBudget, split_to_fit
+from pipeline.plan.batching import PlanRow, WindowBuilder, pack_batches
+from pipeline.plan.store import PlanStore
+from pipeline.records import make_batch_id, window_of
 
 
 @settings(max_examples=300, deadline=None)
@@ -101,8 +96,8 @@ def test_windows_are_bounded_by_tokens_whatever_the_chunk_count(tmp_path: Path,
     from conftest import demo_docs
 
     from pipeline.chunking import Chunker, ModelTokenizer
-    from pipeline.config import BatchingConfig, ChunkingConfig
-    from pipeline.planner import build_plan
+    from pipeline.job.config import BatchingConfig, ChunkingConfig
+    from pipeline.plan.build import build_plan
     from pipeline.records import Document
 
     docs = [Document(d["id"], d["text"], f"demo:{i}") for i, d in enumerate(demo_docs(30))]

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import SourceConfig
 from pipeline.errors import InputError
+from pipeline.job.config import SourceConfig
 from pipeline.readers import check_source, read_documents, source_files
 from pipeline.records import DeadLetter, Document, content_hash
 from pipeline.sinks.fields import metadata_json

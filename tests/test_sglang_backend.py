@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from tiny_models import build_tiny_qwen3
 
-from pipeline.config import ModelConfig, SGLangConfig
 from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.embedders.sglang_backend import SGLangEmbedder
 from pipeline.embedders.transformers_backend import TransformersEmbedder
 from pipeline.errors import ConfigError
-from pipeline.models import read_model_info, resolve_model_dir
+from pipeline.job.config import ModelConfig, SGLangConfig
+from pipeline.job.model_info import read_model_info, resolve_model_dir
 
 STANDINS = Path(__file__).parent / "standins"
 TEXTS = [

@@ -20,8 +20,8 @@ from milvus_server import (
     wait_healthy,
 )
 
-from pipeline.config import IndexConfig, SinkConfig
 from pipeline.errors import SinkError, TransientError
+from pipeline.job.config import IndexConfig, SinkConfig
 from pipeline.sinks import make_sink
 from pipeline.sinks.fields import truncate_utf8
 from pipeline.sinks.milvus import MilvusSink

@@ -12,8 +12,8 @@ import pytest
 from milvus_server import DIM, make_batch
 
 from pipeline.atomic import atomic_path, atomic_write_bytes
-from pipeline.config import SinkConfig
 from pipeline.errors import SinkError
+from pipeline.job.config import SinkConfig
 from pipeline.sinks import make_sink
 from pipeline.sinks.parquet import ParquetSink
 

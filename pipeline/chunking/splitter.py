@@ -16,8 +16,8 @@ import re
 from tokenizers import Encoding
 
 from pipeline.chunking.tokens import ModelTokenizer
-from pipeline.config import ChunkingConfig
 from pipeline.errors import ConfigError
+from pipeline.job.config import ChunkingConfig
 from pipeline.records import Chunk, DeadLetter, Document
 
 EMPTY = "empty text after tokenization"

@@ -14,7 +14,7 @@ from tokenizers import Encoding, Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.errors import ConfigError
-from pipeline.models import Pooling
+from pipeline.job.model_info import Pooling
 
 # Any short plain text works: only the ids added around it matter.
 _PROBE = "hello world"

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import ModelConfig
 from pipeline.embedders.base import Embedder
 from pipeline.errors import ConfigError
-from pipeline.models import ModelInfo
+from pipeline.job.config import ModelConfig
+from pipeline.job.model_info import ModelInfo
 
 __all__ = ["DType", "Embedder", "make_embedder", "model_name"]
 

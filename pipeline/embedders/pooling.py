@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.models import Pooling
+from pipeline.job.model_info import Pooling
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

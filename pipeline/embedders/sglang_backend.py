@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import SGLangConfig
 from pipeline.embedders import DType, model_name
 from pipeline.embedders.base import Embedder, T
 from pipeline.errors import ConfigError
-from pipeline.models import ModelInfo
+from pipeline.job.config import SGLangConfig
+from pipeline.job.model_info import ModelInfo
 
 # The kwargs that make the engine an embedder fed with our token ids; job files may not change them.
 _FIXED = ("model_path", "is_embedding", "skip_tokenizer_init")

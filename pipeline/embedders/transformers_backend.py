@@ -25,7 +25,7 @@ from pipeline.embedders import DType, model_name
 from pipeline.embedders.base import Embedder, T
 from pipeline.embedders.pooling import POOLERS
 from pipeline.errors import ConfigError
-from pipeline.models import ModelInfo, Pooling
+from pipeline.job.model_info import ModelInfo, Pooling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Switch = Literal["auto", "on", "off"]

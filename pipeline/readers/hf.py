@@ -17,8 +17,8 @@ import pyarrow as pa
 from datasets.exceptions import DatasetsError
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-from pipeline.config import SourceConfig
 from pipeline.errors import InputError
+from pipeline.job.config import SourceConfig
 from pipeline.readers.rows import expand_paths, one_line, projection, row_to_document
 from pipeline.records import DeadLetter, Document
 

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import SourceConfig
 from pipeline.errors import InputError
+from pipeline.job.config import SourceConfig
 from pipeline.readers.rows import BadRow, one_line, reject, row_to_document
 from pipeline.records import DeadLetter, Document
 

@@ -10,8 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import SourceConfig
 from pipeline.errors import InputError
+from pipeline.job.config import SourceConfig
 from pipeline.readers.rows import one_line, projection, row_to_document
 from pipeline.records import DeadLetter, Document
 

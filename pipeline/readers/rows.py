@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import SourceConfig
 from pipeline.errors import InputError
+from pipeline.job.config import SourceConfig
 from pipeline.records import DeadLetter, Document, content_hash
 
 _MISSING = object()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from pipeline.config import SinkConfig
+from pipeline.job.config import SinkConfig
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 
 __all__ = ["Sink", "VectorBatch", "doc_id_limit", "make_sink", "target_name"]

@@ -23,8 +23,8 @@ import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from pipeline.config import IndexConfig, TLSConfig
 from pipeline.errors import SinkError, TransientError
+from pipeline.job.config import IndexConfig, TLSConfig
 from pipeline.records import HASH_BUCKETS
 from pipeline.secrets import mask_uri
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch

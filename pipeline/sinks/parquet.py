@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import TEMP_SUFFIX, atomic_path, atomic_write_bytes, commit_temp, temp_name
 from pipeline.errors import SinkError
-from pipeline.planning import window_of
-from pipeline.records import HASH_BUCKETS
+from pipeline.records import HASH_BUCKETS, window_of
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.config import Job
 from pipeline.errors import JobError, SinkError
-from pipeline.report import RunReport
+from pipeline.job.config import Job
+from pipeline.run.report import RunReport
 from pipeline.sinks.base import GenerationMark, Sink
-from pipeline.sync_state import Published, SyncState
+from pipeline.state.sync_state import Published, SyncState
 
 if TYPE_CHECKING:
-    from pipeline.runner import JobContext
+    from pipeline.run.runner import JobContext
 
 
 def job_identity(job: Job) -> dict[str, Any]:

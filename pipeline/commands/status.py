@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import read_state
-from pipeline.config import Job
-from pipeline.dead_letters import DeadLetterFile
-from pipeline.layout import plan_dir
-from pipeline.planning import PlanStore
-from pipeline.sync_state import SyncState
+from pipeline.job.config import Job
+from pipeline.plan.store import PlanStore
+from pipeline.state.checkpoint import read_state
+from pipeline.state.dead_letters import DeadLetterFile
+from pipeline.state.layout import plan_dir
+from pipeline.state.sync_state import SyncState
 
 
 def job_status(job: Job) -> dict[str, Any]:

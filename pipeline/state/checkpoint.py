@@ -15,8 +15,8 @@ from typing import Any
 from pipeline.atomic import atomic_path, seal, unseal
 from pipeline.errors import FingerprintMismatch, JobError
 from pipeline.faults import fault_point
-from pipeline.layout import checkpoint_file
-from pipeline.planning import window_of
+from pipeline.records import window_of
+from pipeline.state.layout import checkpoint_file
 
 FORMAT = 1
 

@@ -19,8 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
-from pipeline.layout import StateDir
 from pipeline.secrets import uri_secret
+from pipeline.state.layout import StateDir
 
 
 class _Strict(BaseModel):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.embedders.base import Embedder
-from pipeline.planning import PlannedBatch
+from pipeline.plan.batching import PlannedBatch
+from pipeline.records import padded_tokens
 
 GROW_AFTER = 32  # clean batches before the safe budget grows back
 ALONE_ATTEMPTS = 3  # a single chunk that fails this often alone is a dead letter
@@ -53,13 +54,9 @@ class SafeBudget:
         return True
 
 
-def padded_size(seqs: list[list[int]]) -> int:
-    return len(seqs) * max((len(s) for s in seqs), default=0)
-
-
 def split_to_fit(seqs: list[list[int]], limit: int | None) -> list[tuple[int, int]]:
     """[start, end) slices of a length-sorted batch whose padded size is within ``limit``."""
-    if limit is None or padded_size(seqs) <= limit:
+    if limit is None or padded_tokens(seqs) <= limit:
         return [(0, len(seqs))]
     half = len(seqs) // 2
     if half == 0:
@@ -169,7 +166,7 @@ class ResilientEmbedding:
                     else:
                         self.on_unfit(batch, s, err)
                     continue
-                self.budget.failed(padded_size(seqs[s:e]))
+                self.budget.failed(padded_tokens(seqs[s:e]))
                 self.on_budget_change(self.budget.limit)
                 mid = (s + e) // 2
                 work.extendleft([(mid, e), (s, mid)])

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Job
 from pipeline.errors import ConfigError, JobError, TransientError
-from pipeline.models import ModelInfo, read_model_info, resolve_model_dir
+from pipeline.job.config import Job
+from pipeline.job.model_info import ModelInfo, read_model_info, resolve_model_dir
 
 if TYPE_CHECKING:
     from pipeline.sinks import Sink
@@ -146,7 +146,7 @@ def checkpoint_problems(job: Job, stored: dict[str, Any] | None) -> list[str]:
         what = where if existing == where else f"{existing} (where {where} would be created)"
         return [(f"{job.source_file}: checkpoint_dir: {what} is not writable "
                  f"({e.strerror or e}); fix its permissions or set checkpoint_dir")]
-    from pipeline.ownership import job_identity
+    from pipeline.run.ownership import job_identity
 
     mine = job_identity(job)
     if stored is None or stored == mine:
@@ -303,7 +303,7 @@ def _ownership_problem(job: Job, probe: Sink, owned: dict[str, str]) -> str | No
 def _sync_state(job: Job) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """The identity and the generations recorded in the job's sync state; read only when the
     file exists (``validate`` never creates it)."""
-    from pipeline.sync_state import SyncState
+    from pipeline.state.sync_state import SyncState
 
     path = job.state.sync_db
     if not path.is_file():

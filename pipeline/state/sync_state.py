@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import JobError
-from pipeline.planning import SKIPPED_UNCHANGED, UNREADABLE
-from pipeline.records import HASH_BUCKETS
+from pipeline.records import HASH_BUCKETS, SKIPPED_UNCHANGED, UNREADABLE
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -6,12 +6,11 @@ tokenized, embedded or written (the state file is only read).
 
 from __future__ import annotations
 
-from pipeline.config import Job
-from pipeline.planning import SKIPPED_UNCHANGED
+from pipeline.job.config import Job
 from pipeline.readers import read_documents
-from pipeline.records import DeadLetter
-from pipeline.runner import JobContext
-from pipeline.sync_state import SyncState
+from pipeline.records import SKIPPED_UNCHANGED, DeadLetter
+from pipeline.run.runner import JobContext
+from pipeline.state.sync_state import SyncState
 
 
 def preview(job: Job, mode: str | None) -> str:

@@ -12,17 +12,18 @@ import shutil
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pipeline.checkpoint import Checkpoint
-from pipeline.dead_letters import DeadLetterFile
 from pipeline.errors import SinkError
 from pipeline.faults import fault_point
-from pipeline.planning import DUPLICATE, PlanStore
-from pipeline.report import RunReport
+from pipeline.plan.store import PlanStore
+from pipeline.records import DUPLICATE
+from pipeline.run.report import RunReport
 from pipeline.sinks.base import Sink
-from pipeline.sync_state import Published, SyncCounts, SyncState
+from pipeline.state.checkpoint import Checkpoint
+from pipeline.state.dead_letters import DeadLetterFile
+from pipeline.state.sync_state import Published, SyncCounts, SyncState
 
 if TYPE_CHECKING:
-    from pipeline.runner import JobContext
+    from pipeline.run.runner import JobContext
 
 
 def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: Sink,

@@ -18,20 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.chunking import Chunker
-from pipeline.config import BatchingConfig
 from pipeline.errors import InputError
 from pipeline.faults import fault_point
+from pipeline.job.config import BatchingConfig
 from pipeline.keys import chunk_pk
-from pipeline.planning import (
-    DUPLICATE,
-    SKIPPED_UNCHANGED,
-    UNREADABLE,
-    PlanRow,
-    PlanStore,
-    WindowBuilder,
-    WindowStats,
-)
-from pipeline.records import DeadLetter, Document
+from pipeline.plan.batching import PlanRow, WindowBuilder, WindowStats
+from pipeline.plan.store import PlanStore
+from pipeline.records import DUPLICATE, SKIPPED_UNCHANGED, UNREADABLE, DeadLetter, Document
 
 
 class SeenIds:

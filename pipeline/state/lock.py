@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import JobLocked
-from pipeline.layout import StateDir
+from pipeline.state.layout import StateDir
 
 
 class JobLock:

@@ -1,4 +1,4 @@
-"""Sort chunks by exact token count, pack them into token-budget batches, spill to disk.
+"""The plan on disk: each window's batches, its documents, and the manifest that commits them.
 
 The plan is the contract between the two phases of a run. Each *window* of chunks is
 sorted and cut into batches with deterministic ids (``w00003-b000012``) and written as one
@@ -8,10 +8,9 @@ re-tokenizes and always sees the same batches in the same order.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,177 +21,12 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, file_digest, seal, unseal
 from pipeline.errors import JobError
+from pipeline.plan.batching import PlannedBatch, WindowStats
 
-PLAN_SCHEMA = pa.schema([
-    ("batch_id", pa.string()),
-    ("pk", pa.string()),
-    ("doc_id", pa.string()),
-    ("chunk_index", pa.int32()),
-    ("start", pa.int64()),
-    ("end", pa.int64()),
-    ("n_tokens", pa.int32()),
-    ("token_ids", pa.list_(pa.int32())),
-    ("doc_hash", pa.string()),
-    ("text", pa.string()),
-    ("metadata", pa.string()),
-    ("source", pa.string()),
-])
-# chunk counts in a window's document records that are not counts
-SKIPPED_UNCHANGED = -1  # the published generation holds this exact content
-DUPLICATE = -2  # a later row with an id already seen (dead-lettered)
-UNREADABLE = -3  # a row that named this id but could not be read (kept as published)
 _WINDOW_RE = re.compile(r"^window-(\d{5})\.parquet$")
 _DOCS_RE = re.compile(r"^docs-(\d{5})\.parquet$")
 COMPLETE_MARKER = "_COMPLETE"  # written by earlier versions; the manifest replaces it
 MANIFEST = "manifest.json"
-
-
-def make_batch_id(window: int, index: int) -> str:
-    return f"w{window:05d}-b{index:06d}"
-
-
-def window_of(batch_id: str) -> int:
-    return int(batch_id[1:6])
-
-
-def pack_batches(sorted_lengths: np.ndarray, token_budget: int, max_batch_size: int
-                 ) -> list[tuple[int, int]]:
-    """Greedy cut of ascending lengths into [start, end) runs whose padded size fits the budget.
-
-    With lengths sorted, a batch's padded size is ``rows * last_length``; a chunk longer than
-    the budget still gets a batch of its own (the executor's OOM back-off handles it).
-    """
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    for i, n in enumerate(sorted_lengths.tolist()):
-        rows = i - start + 1
-        if rows > 1 and (rows * n > token_budget or rows > max_batch_size):
-            bounds.append((start, i))
-            start = i
-    if start < len(sorted_lengths):
-        bounds.append((start, len(sorted_lengths)))
-    return bounds
-
-
-@dataclass
-class WindowStats:
-    """What one plan window holds; summed over windows for the job's totals."""
-
-    window: int
-    doc_start: int
-    doc_end: int
-    docs: int
-    chunks: int
-    tokens: int
-    padded_tokens: int
-    batches: int
-    unreadable_rows: int = 0  # rows of the window's range that could not be read nor named
-    rejected_rows: int = 0  # rows of the window's range that did not become documents
-
-    def to_meta(self) -> dict[bytes, bytes]:
-        return {b"embed_job.window": json.dumps(self.__dict__).encode()}
-
-    @classmethod
-    def from_meta(cls, meta: dict[bytes, bytes]) -> WindowStats:
-        return cls(**json.loads(meta[b"embed_job.window"]))
-
-
-@dataclass
-class PlannedBatch:
-    batch_id: str
-    table: pa.Table
-
-    @property
-    def token_ids(self) -> list[list[int]]:
-        return self.table.column("token_ids").to_pylist()
-
-    @property
-    def n_tokens(self) -> int:
-        return int(pc.sum(self.table.column("n_tokens")).as_py())
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.table.num_rows * int(pc.max(self.table.column("n_tokens")).as_py())
-
-
-@dataclass
-class PlanRow:
-    pk: str
-    doc_id: str
-    chunk_index: int
-    start: int
-    end: int
-    token_ids: np.ndarray
-    doc_hash: str
-    text: str | None
-    metadata: str
-    source: str
-
-
-@dataclass
-class WindowBuilder:
-    """Collects the chunks of consecutive documents until a window is full."""
-
-    window: int
-    doc_start: int
-    rows: list[PlanRow] = field(default_factory=list)
-    doc_records: list[tuple[str, str, int]] = field(default_factory=list)
-    tokens: int = 0
-    rejected: list[str] = field(default_factory=list)  # ids of rows present but unreadable
-    unreadable_rows: int = 0  # rows that could not be read nor named
-
-    @property
-    def docs(self) -> int:
-        return len(self.doc_records)
-
-    def add(self, rows: list[PlanRow], record: tuple[str, str, int]) -> None:
-        """A document's rows and its (id, hash, chunk count) record; -1 chunks = unchanged."""
-        self.rows.extend(rows)
-        self.doc_records.append(record)
-        self.tokens += sum(len(r.token_ids) for r in rows)
-
-    def records(self) -> list[tuple[str, str, int]]:
-        """The document records to store: one per document in reading order (resume
-        compares them position by position), then the rejected rows' ids."""
-        return self.doc_records + [(d, "", UNREADABLE) for d in self.rejected]
-
-    def build(self, token_budget: int, max_batch_size: int) -> tuple[pa.Table, WindowStats]:
-        lengths = np.fromiter((len(r.token_ids) for r in self.rows), dtype=np.int64,
-                              count=len(self.rows))
-        order = np.argsort(lengths, kind="stable")
-        sorted_lengths = lengths[order]
-        bounds = pack_batches(sorted_lengths, token_budget, max_batch_size)
-        batch_ids = np.empty(len(self.rows), dtype=object)
-        padded = 0
-        for b, (s, e) in enumerate(bounds):
-            batch_ids[s:e] = make_batch_id(self.window, b)
-            padded += (e - s) * int(sorted_lengths[e - 1])
-        rows = [self.rows[i] for i in order.tolist()]
-        offsets = np.concatenate([[0], np.cumsum(sorted_lengths)]).astype(np.int32)
-        flat = np.concatenate([r.token_ids for r in rows]) if rows else np.empty(0, np.int32)
-        token_col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                             pa.array(flat.astype(np.int32), pa.int32()))
-        table = pa.Table.from_arrays([
-            pa.array(batch_ids.tolist(), pa.string()),
-            pa.array([r.pk for r in rows], pa.string()),
-            pa.array([r.doc_id for r in rows], pa.string()),
-            pa.array([r.chunk_index for r in rows], pa.int32()),
-            pa.array([r.start for r in rows], pa.int64()),
-            pa.array([r.end for r in rows], pa.int64()),
-            pa.array(sorted_lengths.astype(np.int32), pa.int32()),
-            token_col,
-            pa.array([r.doc_hash for r in rows], pa.string()),
-            pa.array([r.text for r in rows], pa.string()),
-            pa.array([r.metadata for r in rows], pa.string()),
-            pa.array([r.source for r in rows], pa.string()),
-        ], schema=PLAN_SCHEMA)
-        stats = WindowStats(window=self.window, doc_start=self.doc_start,
-                            doc_end=self.doc_start + self.docs, docs=self.docs,
-                            chunks=len(rows), tokens=int(sorted_lengths.sum()),
-                            padded_tokens=padded, batches=len(bounds),
-                            unreadable_rows=self.unreadable_rows,
-                            rejected_rows=len(self.rejected) + self.unreadable_rows)
-        return table, stats
 
 
 class PlanStore:

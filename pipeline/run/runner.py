@@ -22,33 +22,34 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.checkpoint import Checkpoint
 from pipeline.chunking import Chunker, ModelTokenizer
-from pipeline.config import Job
-from pipeline.dead_letters import DeadLetterFile
+from pipeline.commands.validate import check_sink, load_model_info
 from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
+from pipeline.embedders.resilient import ResilientEmbedding, SafeBudget
 from pipeline.errors import Interrupted, JobError
-from pipeline.execution import ResilientEmbedding, SafeBudget
 from pipeline.faults import fault_point, wrap_embedder
-from pipeline.lock import JobLock
-from pipeline.models import ModelInfo
-from pipeline.ownership import check_destination, check_identity, check_target
-from pipeline.planner import RejectedRows, build_plan
-from pipeline.planning import PlannedBatch, PlanStore, WindowStats, window_of
-from pipeline.progress import Progress, progress_bar
-from pipeline.publish import publish_run
+from pipeline.job.config import Job
+from pipeline.job.model_info import ModelInfo
+from pipeline.plan.batching import PlannedBatch, WindowStats
+from pipeline.plan.build import RejectedRows, build_plan
+from pipeline.plan.store import PlanStore
 from pipeline.readers import check_source, read_documents, source_files
-from pipeline.records import DeadLetter
-from pipeline.replan import forget_unfinished, resync_plan
-from pipeline.report import RunReport
+from pipeline.records import DeadLetter, window_of
+from pipeline.run.ownership import check_destination, check_identity, check_target
+from pipeline.run.progress import Progress, progress_bar
+from pipeline.run.publish import publish_run
+from pipeline.run.replan import forget_unfinished, resync_plan
+from pipeline.run.report import RunReport
+from pipeline.run.signals import graceful_stop
+from pipeline.run.writer import WindowEnd, Writer, with_retries
 from pipeline.secrets import mask_uri
-from pipeline.signals import graceful_stop
 from pipeline.sinks import doc_id_limit, make_sink, target_name
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
-from pipeline.sync_state import SyncState
-from pipeline.validation import check_sink, load_model_info
-from pipeline.writer import WindowEnd, Writer, with_retries
+from pipeline.state.checkpoint import Checkpoint
+from pipeline.state.dead_letters import DeadLetterFile
+from pipeline.state.lock import JobLock
+from pipeline.state.sync_state import SyncState
 
 
 @dataclass

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.checkpoint import Checkpoint, read_state
-from pipeline.dead_letters import DeadLetterFile
 from pipeline.errors import JobError
-from pipeline.layout import plan_dir
-from pipeline.planner import RejectedRows, verify_prefix
-from pipeline.planning import PlanStore
+from pipeline.plan.build import RejectedRows, verify_prefix
+from pipeline.plan.store import PlanStore
 from pipeline.records import Document
-from pipeline.report import RunReport
+from pipeline.run.report import RunReport
+from pipeline.run.writer import with_retries
 from pipeline.sinks.base import Sink
-from pipeline.sync_state import SyncState
-from pipeline.writer import with_retries
+from pipeline.state.checkpoint import Checkpoint, read_state
+from pipeline.state.dead_letters import DeadLetterFile
+from pipeline.state.layout import plan_dir
+from pipeline.state.sync_state import SyncState
 
 
 def resync_plan(store: PlanStore, checkpoint: Checkpoint, sink: Sink, sync: SyncState,

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pipeline.checkpoint import Checkpoint
 from pipeline.errors import TransientError
 from pipeline.faults import fault_point
-from pipeline.planning import window_of
+from pipeline.records import window_of
 from pipeline.sinks.base import Sink, VectorBatch
+from pipeline.state.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
