@@ -49,9 +49,10 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from pipeline.chunking import Chunker, ModelTokenizer
-    from pipeline.embedders.transformers_backend import TransformersEmbedder
-    from pipeline.job.config import ChunkingConfig, load_job
+    from pipeline.embedders.transformers_backend.model import TransformersEmbedder
+    from pipeline.job.load import load_job
     from pipeline.job.model_info import read_model_info, resolve_model_dir
+    from pipeline.job.sections import ChunkingConfig
     from pipeline.plan.batching import pack_batches
     from pipeline.records import Document
     from pipeline.run.runner import RunOptions, run_job

@@ -110,8 +110,8 @@ def main() -> int:
     t = time.monotonic()
     import sglang
 
-    from pipeline.embedders.sglang_backend import SGLangEmbedder
-    from pipeline.job.config import SGLangConfig
+    from pipeline.embedders.sglang_backend import SGLangConfig
+    from pipeline.embedders.sglang_backend.engine import SGLangEmbedder
     from pipeline.job.model_info import read_model_info
 
     res.add(stage=f"{args.mode}:import", seconds=round(time.monotonic() - t, 1),

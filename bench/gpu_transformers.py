@@ -5,7 +5,7 @@ Rows (Qwen3-Embedding-4B shape, random bf16 weights, the smoke corpus of 3000 do
   naive       the script everyone writes first: HF AutoModel + SDPA, corpus order, left
               padding, batches of 8 (and one try at batches of 32)
   sorted      same model call, chunks sorted by length and cut into 32K padded-token batches
-  packed      the product's packed path (pipeline.embedders.packed) without torch.compile
+  packed      the product's packed path (pipeline.embedders.transformers_backend.packed) without torch.compile
   packed+compile  the product's default on CUDA: packed + compiled layer + pipelined stream
   pipeline    ``embed-job run`` end to end (Parquet in, chunking, plan, embed, MRL, Parquet out)
 
@@ -131,8 +131,8 @@ def main() -> int:
             params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
             attn_impl=model.config._attn_implementation)
 
-    from pipeline.embedders.packed import reference_varlen_attention, varlen_attention
-    from pipeline.embedders.transformers_backend import TransformersEmbedder
+    from pipeline.embedders.transformers_backend.model import TransformersEmbedder
+    from pipeline.embedders.transformers_backend.packed import reference_varlen_attention, varlen_attention
     from pipeline.job.model_info import read_model_info
     from pipeline.plan.batching import pack_batches
 

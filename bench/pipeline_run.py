@@ -86,7 +86,7 @@ def run_pipeline(job: dict[str, Any], work: Path, embedder: Any | None = None) -
     import pipeline.readers.parquet  # noqa: F401
     import pipeline.run.runner as runner
     import pipeline.sinks.parquet  # noqa: F401
-    from pipeline.job.config import load_job
+    from pipeline.job.load import load_job
     from pipeline.run.runner import RunOptions, run_job
 
     shutil.rmtree(work, ignore_errors=True)

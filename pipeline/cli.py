@@ -25,7 +25,8 @@ from pipeline.errors import (
     JobError,
     TransientError,
 )
-from pipeline.job.config import Job, load_job
+from pipeline.job.config import Job
+from pipeline.job.load import load_job
 from pipeline.secrets import MASK, quiet_client_logs, redact, redacted_logging
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def _resolved(job: Job) -> str:
     """The job as ``validate`` prints it: defaults filled in, the token as ***, URIs without
     their password."""
     data = job.model_dump(mode="json")
-    if data["sink"]["token"] is not None:
+    if data["sink"].get("token") is not None:
         data["sink"]["token"] = MASK
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     return redact(text, job.sink.secrets())

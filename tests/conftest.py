@@ -63,6 +63,8 @@ def make_job(directory: Path, docs: list[dict[str, Any]], **overrides: Any) -> P
         "batching": {"token_budget": 2048, "max_batch_size": 16},
         "sink": {"kind": "milvus", "uri": "out.db", "collection": "t"},
     }
+    if overrides.get("sink", {}).get("kind", "milvus") != "milvus":
+        job["sink"] = {"collection": "t"}  # another kind: none of Milvus's settings
     job = deep_merge(job, overrides)
     path = directory / "job.yaml"
     path.write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")

@@ -35,7 +35,7 @@ from pipeline.errors import SinkError  # noqa: E402
 from pipeline.sinks.base import VectorBatch  # noqa: E402
 
 if TYPE_CHECKING:  # pymilvus only where a Milvus test runs: the Parquet tests share make_batch
-    from pipeline.sinks.milvus import MilvusSink
+    from pipeline.sinks.milvus.sink import MilvusSink
 
 DIM = 8
 PORT = 19530
@@ -237,7 +237,7 @@ def lite_server(data_dir: Path) -> Iterator[str]:
 
 def main() -> int:
     """The sink scenario against the server (see the module docstring)."""
-    from pipeline.sinks.milvus import MilvusSink
+    from pipeline.sinks.milvus.sink import MilvusSink
 
     return serve_in_namespace(lambda uri, _: run_scenario(lambda: MilvusSink(uri, "scenario")),
                               OK_LINE)

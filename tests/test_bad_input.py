@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 from pipeline.cli import main
 
-PARQUET_SINK = {"kind": "parquet", "path": "v", "uri": None}
+PARQUET_SINK = {"kind": "parquet", "path": "v"}
 MAX_TOKENS = 128  # make_job's chunking.max_tokens
 
 
@@ -547,7 +547,7 @@ YAML_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "dimension 0": ({"model": {"dimension": 0}}, ["job.yaml: model.dimension: "]),
     "overlap >= max_tokens/2": ({"chunking": {"max_tokens": 128, "overlap_tokens": 64}},
                                 ["job.yaml: chunking.overlap_tokens: 64 must be < max_tokens/2"]),
-    "parquet sink without path": ({"sink": {"kind": "parquet", "uri": None}},
+    "parquet sink without path": ({"sink": {"kind": "parquet"}},
                                   ["job.yaml: sink.path is required for a parquet sink"]),
     "milvus sink without uri": ({"sink": {"uri": None}}, ["job.yaml: sink.uri is required"]),
 }
@@ -618,7 +618,7 @@ def test_unreachable_milvus_server(tmp_path: Path) -> None:
 def test_unreachable_milvus_server_is_retried(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The connection at the start of a run gets sink.retries attempts, as the message says."""
-    import pipeline.sinks.milvus as milvus_sink
+    import pipeline.sinks.milvus.sink as milvus_sink
 
     attempts: list[str] = []
     real_client = milvus_sink.MilvusClient
@@ -793,10 +793,9 @@ def test_duplicate_keys_at_every_level_one_line_each(tmp_path: Path) -> None:
 
 def test_yaml_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
     """``<<: *anchor`` then one of the anchor's keys is YAML's merge rule, not a repeated key."""
-    from pipeline.job.config import load_job
+    from pipeline.job.load import load_job
 
-    job = make_job(tmp_path, short_docs(1), sink=PARQUET_SINK,
-                   model={"sglang": {"extra": {"a": 1, "b": 2}}})
+    job = make_job(tmp_path, short_docs(1), model={"sglang": {"extra": {"a": 1, "b": 2}}})
     text = job.read_text(encoding="utf-8")
     text = text.replace("    extra:\n", "    extra: &x\n", 1).replace(
         "sink:\n", "sink:\n  index:\n    params: {<<: *x, a: 5}\n", 1)

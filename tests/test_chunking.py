@@ -23,8 +23,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import pipeline
 from pipeline.chunking import Chunker, ModelTokenizer, splitter
 from pipeline.errors import ConfigError
-from pipeline.job.config import ChunkingConfig
 from pipeline.job.model_info import read_model_info, resolve_model_dir
+from pipeline.job.sections import ChunkingConfig
 from pipeline.records import Chunk, DeadLetter, Document
 
 SENTENCES = ["Embeddings map text to vectors.", "A vector database stores them; queries find the "
@@ -423,7 +423,7 @@ def test_minilm_vector_of_the_ids_is_that_of_the_stored_text(minilm_dir: Path,
     """
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.embedders.transformers_backend import TransformersEmbedder
+    from pipeline.embedders.transformers_backend.model import TransformersEmbedder
 
     texts = ENGLISH_DOCS[:8] + [ZH, MIXED, ZH + MIXED + ENGLISH]
     ch = chunker(minilm, 32, 12)
@@ -514,7 +514,7 @@ import json, resource, sys, time
 from pathlib import Path
 
 from pipeline.chunking import Chunker, ModelTokenizer
-from pipeline.job.config import ChunkingConfig
+from pipeline.job.sections import ChunkingConfig
 from pipeline.records import Document
 
 model_dir, size, split_size, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

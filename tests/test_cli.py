@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import REPO, demo_docs, make_job
 
 from pipeline.cli import main
-from pipeline.job.config import load_job
+from pipeline.job.load import load_job
 
 
 def invoke(*args: str):
@@ -71,7 +71,7 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 
 
 def test_status_before_and_after_a_run(tmp_path: Path) -> None:
-    job = make_job(tmp_path, demo_docs(3), sink={"kind": "parquet", "path": "v", "uri": None})
+    job = make_job(tmp_path, demo_docs(3), sink={"kind": "parquet", "path": "v"})
     before = json.loads(invoke("status", str(job), "--json").output)
     assert before["state"] == "not started" and "published_target" not in before
     run = invoke("run", str(job), "--report", str(tmp_path / "report.json"))
@@ -107,7 +107,7 @@ def test_status_before_and_after_a_run(tmp_path: Path) -> None:
 
 
 def test_status_of_an_unfinished_run(tmp_path: Path) -> None:
-    job = make_job(tmp_path, demo_docs(4), sink={"kind": "parquet", "path": "v", "uri": None})
+    job = make_job(tmp_path, demo_docs(4), sink={"kind": "parquet", "path": "v"})
     trial = invoke("run", str(job), "--quiet", "--limit", "2")
     assert trial.exit_code == 0, trial.output
     state = json.loads(invoke("status", str(job), "--json").output)
@@ -121,7 +121,7 @@ def test_status_of_an_unfinished_run(tmp_path: Path) -> None:
 
 def test_status_shows_where_the_dead_letters_are_and_why(tmp_path: Path) -> None:
     docs = demo_docs(3) + [{"id": f"empty-{i}", "text": ""} for i in range(3)]
-    job = make_job(tmp_path, docs, sink={"kind": "parquet", "path": "v", "uri": None},
+    job = make_job(tmp_path, docs, sink={"kind": "parquet", "path": "v"},
                    max_dead_letter_ratio=1.0)
     with (tmp_path / "corpus.jsonl").open("a") as f:
         f.write("{not json\n")
@@ -138,7 +138,7 @@ def test_status_shows_where_the_dead_letters_are_and_why(tmp_path: Path) -> None
 
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
-    job = make_job(tmp_path, demo_docs(2), sink={"kind": "parquet", "path": "v", "uri": None})
+    job = make_job(tmp_path, demo_docs(2), sink={"kind": "parquet", "path": "v"})
     result = invoke("run", str(job), "--quiet")
     assert result.exit_code == 0 and result.output == ""
 
@@ -297,7 +297,7 @@ def test_sink_paths_blocked_by_a_file(tmp_path: Path) -> None:
                              f"must end in .db"),
         ({"uri": "file/out.db"}, f"sink.uri: {tmp_path / 'file'} is a file, so "
                                  f"{tmp_path / 'file' / 'out.db'} cannot be created"),
-        ({"kind": "parquet", "path": "file", "uri": None},
+        ({"kind": "parquet", "path": "file"},
          f"sink.path: {tmp_path / 'file'} is a file, not a directory; Parquet output needs a "
          f"directory"),
     ]

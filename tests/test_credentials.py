@@ -39,10 +39,10 @@ from pymilvus import MilvusException
 
 from pipeline.cli import main
 from pipeline.errors import ConfigError, SinkError
-from pipeline.job.config import SinkConfig, load_job
+from pipeline.job.load import load_job
 from pipeline.secrets import mask_uri, redact, redacted_logging
-from pipeline.sinks import make_sink
-from pipeline.sinks.milvus import MilvusSink
+from pipeline.sinks.milvus import MilvusSinkConfig
+from pipeline.sinks.milvus.sink import MilvusSink
 
 INLINE = "root:InlineSecret7f3a"
 ENV_TOKEN = "root:EnvSecret9c2b"
@@ -144,7 +144,7 @@ def test_redact_takes_out_secrets_and_uri_passwords() -> None:
 
 def test_secrets_of_a_sink(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MILVUS_TOKEN", ENV_TOKEN)
-    config = SinkConfig(uri=f"http://root:{URI_PASSWORD}@h:19530", token_env="MILVUS_TOKEN")
+    config = MilvusSinkConfig(uri=f"http://root:{URI_PASSWORD}@h:19530", token_env="MILVUS_TOKEN")
     assert set(config.secrets()) == {ENV_TOKEN, "EnvSecret9c2b", URI_PASSWORD}
     monkeypatch.delenv("MILVUS_TOKEN")
     assert config.secrets() == [URI_PASSWORD]  # an unset variable holds nothing to hide
@@ -179,12 +179,12 @@ def test_pymilvus_log_lines_are_redacted() -> None:
 
 def test_token_env_is_read_when_the_sink_is_made(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    config = SinkConfig(uri="http://h:19530", token_env="MILVUS_TOKEN")
+    config = MilvusSinkConfig(uri="http://h:19530", token_env="MILVUS_TOKEN")
     monkeypatch.delenv("MILVUS_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="environment variable MILVUS_TOKEN is not set"):
-        make_sink(config, lambda p: tmp_path / p, "c", "c__x")
+        config.make(lambda p: tmp_path / p, "c", "c__x")
     monkeypatch.setenv("MILVUS_TOKEN", ENV_TOKEN)
-    sink = make_sink(config, lambda p: tmp_path / p, "c", "c__x")
+    sink = config.make(lambda p: tmp_path / p, "c", "c__x")
     assert isinstance(sink, MilvusSink) and sink.client_kwargs()["token"] == ENV_TOKEN
 
 
@@ -203,7 +203,7 @@ def test_tls_options_reach_the_client(tmp_path: Path, sink: dict[str, Any],
                                       expected: dict[str, Any]) -> None:
     """pymilvus verifies the server against server_pem_path alone, and sends a client
     certificate only with ca_pem_path; paths are relative to the job file."""
-    sink_obj = make_sink(SinkConfig(**sink), lambda p: tmp_path / p, "c", "c__x")
+    sink_obj = MilvusSinkConfig(**sink).make(lambda p: tmp_path / p, "c", "c__x")
     assert isinstance(sink_obj, MilvusSink)
     kwargs = sink_obj.client_kwargs()
     resolved = {k: str(tmp_path / v) if k.endswith("_path") and not v.startswith("/") else v

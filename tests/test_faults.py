@@ -24,7 +24,7 @@ DOCS = demo_docs(14)
 # small windows and batches, so a run has many of both to be broken between
 SMALL = {"batching": {"token_budget": 512, "max_batch_size": 4, "sort_window": 12},
          "sink": {"retry_base_delay_s": 0.01}}
-PARQUET = {"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 10,
+PARQUET = {"kind": "parquet", "path": "vectors", "rows_per_file": 10,
            "retry_base_delay_s": 0.01}
 
 

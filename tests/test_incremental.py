@@ -19,7 +19,7 @@ from pipeline.cli import main
 ALL = demo_docs(24)
 SYNC = {"chunking": {"max_tokens": 64, "overlap_tokens": 0},
         "sync": {"delete_missing": True}}
-PARQUET = {"sink": {"kind": "parquet", "path": "v", "uri": None, "rows_per_file": 25}}
+PARQUET = {"sink": {"kind": "parquet", "path": "v", "rows_per_file": 25}}
 
 
 def day1() -> list[dict]:

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from tiny_models import build_tiny_qwen3
 
 from pipeline.embedders import make_embedder
-from pipeline.embedders.packed import (
+from pipeline.embedders.transformers_backend import TransformersBackend
+from pipeline.embedders.transformers_backend.model import TransformersEmbedder, padded_groups
+from pipeline.embedders.transformers_backend.packed import (
     PackedDecoder,
     UnsupportedModel,
     pack,
     reference_varlen_attention,
     split_for_packing,
 )
-from pipeline.embedders.transformers_backend import TransformersEmbedder, padded_groups
 from pipeline.errors import ConfigError
-from pipeline.job.config import ModelConfig
 from pipeline.job.model_info import read_model_info, resolve_model_dir
 
 
@@ -197,7 +197,7 @@ def test_packing_defaults_and_refusals(qwen3_dir: Path) -> None:
 
 
 def test_factory_passes_the_packing_settings(qwen3_dir: Path) -> None:
-    cfg = ModelConfig(path=str(qwen3_dir), device="cpu", dtype="float32", packing="on",
+    cfg = TransformersBackend(path=str(qwen3_dir), device="cpu", dtype="float32", packing="on",
                       compile="off", packed_tokens=100)
     emb = make_embedder(cfg, read_model_info(qwen3_dir), pad_id=0)
     assert isinstance(emb, TransformersEmbedder)

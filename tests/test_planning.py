@@ -96,7 +96,7 @@ def test_windows_are_bounded_by_tokens_whatever_the_chunk_count(tmp_path: Path,
     from conftest import demo_docs
 
     from pipeline.chunking import Chunker, ModelTokenizer
-    from pipeline.job.config import BatchingConfig, ChunkingConfig
+    from pipeline.job.sections import BatchingConfig, ChunkingConfig
     from pipeline.plan.build import build_plan
     from pipeline.records import Document
 

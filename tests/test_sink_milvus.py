@@ -21,10 +21,9 @@ from milvus_server import (
 )
 
 from pipeline.errors import SinkError, TransientError
-from pipeline.job.config import IndexConfig, SinkConfig
-from pipeline.sinks import make_sink
 from pipeline.sinks.fields import truncate_utf8
-from pipeline.sinks.milvus import MilvusSink
+from pipeline.sinks.milvus import IndexConfig, MilvusSinkConfig
+from pipeline.sinks.milvus.sink import MilvusSink
 
 
 @pytest.fixture
@@ -83,13 +82,13 @@ def test_lite_behind_a_uri_gets_the_lite_index_check(lite_server: str) -> None:
 
 
 def test_factory_resolves_a_lite_path(tmp_path: Path) -> None:
-    config = SinkConfig(kind="milvus", uri="out/v.db", index=IndexConfig(type="HNSW"))
-    sink = make_sink(config, lambda p: tmp_path / p, "jobname", "jobname__abc")
+    config = MilvusSinkConfig(uri="out/v.db", index=IndexConfig(type="HNSW"))
+    sink = config.make(lambda p: tmp_path / p, "jobname", "jobname__abc")
     assert isinstance(sink, MilvusSink)
     assert (sink.uri, sink.collection, sink.alias, sink.is_lite) == (
         str(tmp_path / "out/v.db"), "jobname__abc", "jobname", True)
     uri = "http://example:19530"
-    server = make_sink(SinkConfig(uri=uri, token="t"), lambda p: tmp_path / p, "c", "c__x")
+    server = MilvusSinkConfig(uri=uri, token="t").make(lambda p: tmp_path / p, "c", "c__x")
     assert isinstance(server, MilvusSink) and not server.is_lite and server.uri == uri
 
 

@@ -13,9 +13,7 @@ from milvus_server import DIM, make_batch
 
 from pipeline.atomic import atomic_path, atomic_write_bytes
 from pipeline.errors import SinkError
-from pipeline.job.config import SinkConfig
-from pipeline.sinks import make_sink
-from pipeline.sinks.parquet import ParquetSink
+from pipeline.sinks.parquet import ParquetSink, ParquetSinkConfig
 
 META = {"model": "tiny", "fingerprint": "abc123"}
 
@@ -158,8 +156,8 @@ def test_bad_batches_are_refused(tmp_path: Path) -> None:
 
 
 def test_factory(tmp_path: Path) -> None:
-    config = SinkConfig(kind="parquet", path="vectors", rows_per_file=3)
-    sink = make_sink(config, lambda p: tmp_path / p, "ignored", "v00002-abc", file_metadata=META)
+    config = ParquetSinkConfig(path="vectors", rows_per_file=3)
+    sink = config.make(lambda p: tmp_path / p, "ignored", "v00002-abc", file_metadata=META)
     assert isinstance(sink, ParquetSink)
     assert sink.directory == tmp_path / "vectors" / "v00002-abc"
     assert sink.root == tmp_path / "vectors" and sink.file_prefix == "v00002-"

@@ -17,7 +17,7 @@ from tokenizers import Encoding
 
 from pipeline.chunking.tokens import ModelTokenizer
 from pipeline.errors import ConfigError
-from pipeline.job.config import ChunkingConfig
+from pipeline.job.sections import ChunkingConfig
 from pipeline.records import Chunk, DeadLetter, Document
 
 EMPTY = "empty text after tokenization"

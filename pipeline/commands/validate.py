@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import ConfigError, JobError, TransientError
 from pipeline.job.config import Job
 from pipeline.job.model_info import ModelInfo, read_model_info, resolve_model_dir
+from pipeline.sinks.milvus import MilvusSinkConfig
+from pipeline.sinks.parquet import ParquetSinkConfig
 
 if TYPE_CHECKING:
     from pipeline.sinks import Sink
@@ -43,30 +45,10 @@ def model_problems(job: Job, info: ModelInfo) -> list[str]:
         problems.append(f"batching.token_budget: {job.batching.token_budget} < "
                         f"chunking.max_tokens {job.chunking.max_tokens}: a full chunk would not "
                         f"fit a batch")
-    device = device_problem(job.model.device, job.model.backend)
+    device = job.model.device_problem()
     if device:
         problems.append(device)
     return problems
-
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def device_problem(device: str, backend: str) -> str | None:
-    """An unknown device, or a GPU the machine does not have, said before any model loads."""
-    if not _DEVICE.match(device):
-        return f"model.device: {device!r} is not one of auto, cpu, cuda, cuda:N"
-    if backend == "sglang" and device == "cpu":
-        return "model.device: the sglang backend needs a CUDA GPU; use backend: transformers"
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            return f"model.device: {device} asked for, but torch sees no CUDA GPU on this machine"
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            return f"model.device: {device}: this machine has {torch.cuda.device_count()} GPU(s)"
-    return None
 
 
 def load_model_info(job: Job) -> ModelInfo:
@@ -84,21 +66,7 @@ def load_model_info(job: Job) -> ModelInfo:
 def sink_problems(job: Job) -> list[str]:
     """The sink's token variable and certificate files, checked before anything connects
     (pymilvus opens the files only when it connects, and a missing one would be a traceback)."""
-    if job.sink.kind != "milvus":
-        return []
-    problems = []
-    try:
-        job.sink.resolved_token()
-    except ConfigError as e:
-        problems.append(f"{job.source_file}: {e}")
-    for key, path in (job.sink.tls.files() if job.sink.tls else {}).items():
-        file = job.resolve(path)
-        try:
-            file.open("rb").close()
-        except OSError as e:
-            problems.append(f"{job.source_file}: sink.tls.{key}: cannot read {file}: "
-                            f"{e.strerror or e}")
-    return problems
+    return [f"{job.source_file}: {p}" for p in job.sink.problems(job.resolve)]
 
 
 def check_sink(job: Job) -> None:
@@ -111,7 +79,8 @@ def check_sink(job: Job) -> None:
 def token_warning(job: Job) -> str | None:
     """A token written in the job file (which tends to end up in git), and said louder when
     the file is readable by group or others, as ssh says for a private key."""
-    if job.sink.kind != "milvus" or job.sink.token is None or "sink.token" in job.from_env:
+    if not isinstance(job.sink, MilvusSinkConfig) or job.sink.token is None \
+            or "sink.token" in job.from_env:
         return None
     text = f"{job.source_file}: sink.token is written in the job file"
     try:
@@ -165,8 +134,8 @@ def destination_problems(job: Job) -> list[str]:
     """What the job file says about the destination that is wrong before anything connects:
     a name a Milvus server refuses, a file where a directory must go."""
     src, sink = job.source_file, job.sink
-    if sink.kind == "parquet":
-        assert sink.path is not None  # SinkConfig validates it
+    if isinstance(sink, ParquetSinkConfig):
+        assert sink.path is not None  # ParquetSinkConfig validates it
         root = job.resolve(sink.path)
         existing = _nearest_existing(root)
         return [] if existing.is_dir() else [
@@ -179,8 +148,8 @@ def destination_problems(job: Job) -> list[str]:
         problems.append(f"{src}: sink.collection: {name[:20]!r}... is too long: each generation "
                         f"is a collection <name>__<16 hex digits>, at most {_MILVUS_NAME_MAX} "
                         f"bytes; use at most {_MILVUS_NAME_MAX - _GENERATION_SUFFIX}")
-    if not _is_server(job):
-        assert sink.uri is not None  # SinkConfig validates it
+    if isinstance(sink, MilvusSinkConfig) and not _is_server(job):
+        assert sink.uri is not None  # MilvusSinkConfig validates it
         db = job.resolve(sink.uri)
         existing = _nearest_existing(db)
         if existing == db and not db.is_dir():
@@ -206,7 +175,8 @@ def validate_job(job: Job, offline: bool = False) -> Validation:
     is opened (never created) only when the job file's own sink settings are right."""
     from pipeline.readers import check_source
 
-    out = Validation(warnings=[w for w in (token_warning(job), name_warning(job)) if w])
+    out = Validation(warnings=[w for w in (token_warning(job), name_warning(job)) if w],
+                     notes=[f"ignored: {note}" for note in job.ignored])
     try:
         load_model_info(job)
     except ConfigError as e:
@@ -240,16 +210,16 @@ def _check_destination(job: Job, offline: bool, owned: dict[str, str], out: Vali
     this job neither recorded nor marked. Read-only: nothing is created, not even the sync
     state."""
     from pipeline.secrets import mask_uri
-    from pipeline.sinks import make_sink
 
     sink, src = job.sink, job.source_file
-    milvus, server = sink.kind == "milvus", _is_server(job)
+    milvus, server = isinstance(sink, MilvusSinkConfig), _is_server(job)
     if server and offline:
         out.notes.append("destination: not checked (--offline)")
         return
-    where = mask_uri(str(sink.uri)) if server else str(job.resolve(str(sink.uri or sink.path)))
+    written = sink.uri if isinstance(sink, MilvusSinkConfig) else getattr(sink, "path", "")
+    where = mask_uri(str(written)) if server else str(job.resolve(str(written)))
     try:
-        probe = make_sink(sink, job.resolve, job.collection_name, job.collection_name)
+        probe = sink.make(job.resolve, job.collection_name, job.collection_name)
     except JobError as e:  # a Lite path not ending in .db, an index Lite does not build
         out.problems.append(f"{src}: {'sink.uri' if milvus else 'sink.path'}: {e}")
         return
@@ -258,7 +228,7 @@ def _check_destination(job: Job, offline: bool, owned: dict[str, str], out: Vali
                          f"creates it)")
         return
     if server:
-        from pipeline.sinks.milvus import MilvusSink
+        from pipeline.sinks.milvus.sink import MilvusSink
 
         assert isinstance(probe, MilvusSink)
         probe.timeout = _SERVER_TIMEOUT_S
@@ -321,11 +291,7 @@ def _described(sink: dict[str, Any]) -> str:
 
 def _is_server(job: Job) -> bool:
     """A Milvus server URI (the one destination behind the network), by the sink's own rule."""
-    if job.sink.kind != "milvus":
-        return False
-    from pipeline.sinks.milvus import is_server_uri
-
-    return is_server_uri(job.sink.uri or "")
+    return isinstance(job.sink, MilvusSinkConfig) and job.sink.is_server
 
 
 def _name_problem(job: Job) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import Literal, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Embedder(ABC):
@@ -41,3 +43,10 @@ class Embedder(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def model_name(path: Path) -> str:
+    """The model directory's name; for a hub-cache snapshot (named by commit), the repo's name."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name[len("models--"):].replace("--", "/")
+    return path.name

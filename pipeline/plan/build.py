@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.chunking import Chunker
 from pipeline.errors import InputError
 from pipeline.faults import fault_point
-from pipeline.job.config import BatchingConfig
+from pipeline.job.sections import BatchingConfig
 from pipeline.keys import chunk_pk
 from pipeline.plan.batching import PlanRow, WindowBuilder, WindowStats
 from pipeline.plan.store import PlanStore

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.job.config import SourceConfig
+from pipeline.job.sections import SourceConfig
 from pipeline.readers.hf import read_hf
 from pipeline.readers.jsonl import read_jsonl
 from pipeline.readers.parquet import check_parquet, read_parquet

@@ -18,7 +18,7 @@ from datasets.exceptions import DatasetsError
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
 from pipeline.errors import InputError
-from pipeline.job.config import SourceConfig
+from pipeline.job.sections import SourceConfig
 from pipeline.readers.rows import expand_paths, one_line, projection, row_to_document
 from pipeline.records import DeadLetter, Document
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.job.config import SourceConfig
+from pipeline.job.sections import SourceConfig
 from pipeline.readers.rows import BadRow, one_line, reject, row_to_document
 from pipeline.records import DeadLetter, Document
 

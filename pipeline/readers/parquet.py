@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.job.config import SourceConfig
+from pipeline.job.sections import SourceConfig
 from pipeline.readers.rows import one_line, projection, row_to_document
 from pipeline.records import DeadLetter, Document
 

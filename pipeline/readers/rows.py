@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import InputError
-from pipeline.job.config import SourceConfig
+from pipeline.job.sections import SourceConfig
 from pipeline.records import DeadLetter, Document, content_hash
 
 _MISSING = object()

@@ -11,7 +11,6 @@ the published generation is rebuilt on ``--mode full``.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import JobError, SinkError
 from pipeline.job.config import Job
@@ -27,7 +26,7 @@ def job_identity(job: Job) -> dict[str, Any]:
     """What makes a job this job: its name, what it reads, where it writes (as written in
     the job file, so a moved project is still the same job; no credentials)."""
     src, sink = job.source, job.sink
-    where = _without_userinfo(sink.uri or "") if sink.kind == "milvus" else sink.path
+    where = sink.identity_where()
     return {
         "name": job.name,
         "source": {"kind": src.kind, "path": src.paths(), "dataset": src.dataset,
@@ -121,10 +120,3 @@ def _describe(sink: dict[str, Any]) -> str:
 
 def _source(source: dict[str, Any]) -> str:
     return str(source.get("dataset") or source.get("path"))
-
-
-def _without_userinfo(uri: str) -> str:
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

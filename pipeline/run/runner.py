@@ -43,8 +43,6 @@ from pipeline.run.replan import forget_unfinished, resync_plan
 from pipeline.run.report import RunReport
 from pipeline.run.signals import graceful_stop
 from pipeline.run.writer import WindowEnd, Writer, with_retries
-from pipeline.secrets import mask_uri
-from pipeline.sinks import doc_id_limit, make_sink, target_name
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 from pipeline.state.checkpoint import Checkpoint
 from pipeline.state.dead_letters import DeadLetterFile
@@ -76,8 +74,7 @@ class JobContext:
     def load(cls, job: Job) -> JobContext:
         info = load_model_info(job)
         check_sink(job)
-        pooling = info.pooling if job.model.pooling == "auto" else job.model.pooling
-        tokenizer = ModelTokenizer.from_model_dir(info.path, pooling)
+        tokenizer = ModelTokenizer.from_model_dir(info.path, job.model.pooling_for(info))
         return cls(job, info, tokenizer, job.fingerprint(tokenizer.identity()))
 
     @property
@@ -87,10 +84,7 @@ class JobContext:
     @property
     def max_context(self) -> int:
         """The longest sequence the backend takes (SGLang refuses one of exactly its context)."""
-        model = self.job.model
-        if model.backend == "sglang":
-            return (model.sglang.context_length or self.info.max_context) - 1
-        return self.info.max_context
+        return self.job.model.max_context(self.info)
 
     @property
     def run_dir(self) -> Path:
@@ -135,7 +129,7 @@ class _Planner:
                        self.limit, self.stop,
                        unchanged=self.sync.unchanged if self.sync is not None else None,
                        on_bad_row=job.source.on_bad_row, rejected=self.rejected,
-                       max_id_bytes=doc_id_limit(job.sink))
+                       max_id_bytes=job.sink.doc_id_limit())
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             self.error = e
         finally:
@@ -162,7 +156,7 @@ def _start_run(ctx: JobContext, sync: SyncState, checkpoint: Checkpoint, mode: s
     generation = published.generation + 1 if published else 1
     checkpoint.run = {
         "generation": generation,
-        "target": target_name(ctx.job.sink, ctx.job.collection_name, ctx.fingerprint, generation),
+        "target": ctx.job.sink.target_name(ctx.job.collection_name, ctx.fingerprint, generation),
         "base": published.target if published is not None and same else None,
         "skip_unchanged": same and mode == "incremental",
         "mode": mode,
@@ -258,8 +252,8 @@ def _stop_point(stop: threading.Event) -> None:
 def _make_sink(ctx: JobContext, target: str, base: str | None,
                mark: GenerationMark | None = None) -> Sink:
     job = ctx.job
-    return make_sink(job.sink, job.resolve, job.collection_name, target, base,
-                     {"fingerprint": ctx.fingerprint, "model": job.model.path}, mark)
+    return job.sink.make(job.resolve, job.collection_name, target, base,
+                         {"fingerprint": ctx.fingerprint, "model": job.model.path}, mark)
 
 
 def _run_phases(ctx: JobContext, options: RunOptions, checkpoint: Checkpoint, sync: SyncState,
@@ -359,11 +353,7 @@ def _drain(writer: Writer) -> None:
 
 
 def _describe_sink(job: Job, target: str) -> str:
-    if job.sink.kind == "parquet":
-        return f"{job.resolve(job.sink.path or '')}/{target}"
-    uri = job.sink.uri or ""
-    where = mask_uri(uri) if "://" in uri else str(job.resolve(uri))
-    return f"{where} collection {target} (alias {job.collection_name})"
+    return job.sink.describe(job.resolve, target, job.collection_name)
 
 
 def _count_ack(report: RunReport, rows: int) -> None:

@@ -16,14 +16,16 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
 from pipeline.atomic import TEMP_SUFFIX, atomic_path, atomic_write_bytes, commit_temp, temp_name
 from pipeline.errors import SinkError
+from pipeline.job.sections import SinkSettings
 from pipeline.records import HASH_BUCKETS, window_of
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
 from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
@@ -33,6 +35,7 @@ T = TypeVar("T")
 
 
 CURRENT = "CURRENT"
+VERSION_PREFIX = "v"  # a version directory: v<generation>-<fingerprint>
 MARK_FILE = "_embed_job.json"  # in each version directory: who made it
 
 
@@ -53,6 +56,40 @@ def current_version(root: Path) -> Path | None:
 # most one row group in memory however many rows a file gets
 ROW_GROUP_BYTES = 32 * 2**20
 
+
+
+class ParquetSinkConfig(SinkSettings):
+    """Vectors into Parquet files: one version directory per generation under ``path``,
+    published by the ``CURRENT`` file that names the live one (Parquet files cannot be
+    updated in place, so every run writes a version of its own)."""
+
+    kind: Literal["parquet"] = "parquet"
+    path: str | None = Field(None, description="the output directory")
+    rows_per_file: int = Field(10_000, gt=0, description="rows buffered per file")
+
+    @model_validator(mode="after")
+    def _target(self) -> ParquetSinkConfig:
+        if not self.path:
+            raise ValueError("sink.path is required for a parquet sink")
+        return self
+
+    def target_name(self, alias: str, fingerprint: str, generation: int) -> str:
+        return f"{VERSION_PREFIX}{generation:05d}-{fingerprint}"
+
+    def identity_where(self) -> str:
+        return self.path or ""
+
+    def describe(self, resolve: Callable[[str], Path], target: str, alias: str) -> str:
+        return f"{resolve(self.path or '')}/{target}"
+
+    def make(self, resolve: Callable[[str], Path], alias: str, target: str,
+             base: str | None = None, file_metadata: Mapping[str, str] | None = None,
+             mark: GenerationMark | None = None) -> ParquetSink:
+        root = resolve(self.path or "")
+        return ParquetSink(root / target, rows_per_file=self.rows_per_file,
+                           store_text=self.store_text, file_metadata=file_metadata, root=root,
+                           base=root / base if base else None, file_prefix=f"{target[:6]}-",
+                           mark=mark)
 
 class ParquetSink(Sink):
     """Vectors into a directory of Parquet files of about ``rows_per_file`` rows each.

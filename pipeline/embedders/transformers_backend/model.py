@@ -6,7 +6,7 @@ Two paths compute the same vectors (cosine >= 0.999 in bfloat16, 1e-5 in float32
   concatenated sequences with variable-length flash attention, no padding at all, last-token
   rows pooled, the layer compiled with ``torch.compile``; token ids travel through pinned host
   memory with non-blocking copies, and ``embed_stream`` keeps the next batch queued on the GPU
-  while the previous result is copied back. See ``pipeline.embedders.packed``.
+  while the previous result is copied back. See ``pipeline.embedders.transformers_backend.packed``.
 - **padded** (every model; the reference, and the CPU path): sequences padded to a common
   length, the model's own attention with a mask. A batch is first cut into length-homogeneous
   groups, so little is computed on padding even when a batch mixes lengths.
@@ -21,8 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.embedders import DType, model_name
-from pipeline.embedders.base import Embedder, T
+from pipeline.embedders.base import DType, Embedder, T, model_name
 from pipeline.embedders.pooling import POOLERS
 from pipeline.errors import ConfigError
 from pipeline.job.model_info import ModelInfo, Pooling
@@ -117,7 +116,7 @@ class TransformersEmbedder(Embedder):
     # ------------------------------------------------------------------ setup
 
     def _setup_packing(self, info: ModelInfo, packing: Switch, compile: Switch) -> None:
-        from pipeline.embedders.packed import PackedDecoder, UnsupportedModel
+        from pipeline.embedders.transformers_backend.packed import PackedDecoder, UnsupportedModel
 
         if packing == "off" or (packing == "auto" and self.device.type != "cuda"):
             if compile == "on":
@@ -199,7 +198,7 @@ class TransformersEmbedder(Embedder):
 
     def _launch(self, batch: Sequence[Sequence[int]], lengths: list[int]) -> Any:
         """Queue the packed forward passes of a batch; returns what ``_wait`` needs."""
-        from pipeline.embedders.packed import pack, split_for_packing
+        from pipeline.embedders.transformers_backend.packed import pack, split_for_packing
 
         parts: list[tuple[torch.Tensor, torch.cuda.Event | None, Any, Any]] = []
         for s, e in split_for_packing(lengths, self.packed_tokens):

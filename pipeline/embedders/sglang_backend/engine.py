@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embedders import DType, model_name
-from pipeline.embedders.base import Embedder, T
+from pipeline.embedders.base import DType, Embedder, T, model_name
+from pipeline.embedders.sglang_backend import SGLangConfig
 from pipeline.errors import ConfigError
-from pipeline.job.config import SGLangConfig
 from pipeline.job.model_info import ModelInfo
 
 # The kwargs that make the engine an embedder fed with our token ids; job files may not change them.

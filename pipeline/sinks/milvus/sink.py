@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from pipeline.errors import SinkError, TransientError
-from pipeline.job.config import IndexConfig, TLSConfig
 from pipeline.records import HASH_BUCKETS
 from pipeline.secrets import mask_uri
 from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
@@ -35,6 +33,7 @@ from pipeline.sinks.fields import (
     metadata_json,
     truncate_utf8,
 )
+from pipeline.sinks.milvus import IndexConfig, TLSConfig, is_server_uri
 
 T = TypeVar("T")
 
@@ -52,7 +51,6 @@ _COMPATIBLE_TYPES = {"chunk_index": {DataType.INT32, DataType.INT64}}
 _DELETE_CHUNK = 500
 MARK_PROPERTY = "embed_job.mark"  # collection property: who made the collection
 
-_SERVER_URI = re.compile(r"^(https?|tcp)://", re.IGNORECASE)
 _TRANSIENT_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.RESOURCE_EXHAUSTED}
 # pymilvus CONNECT_FAILED / server ServiceUnavailable, and RATE_LIMIT.
@@ -62,11 +60,6 @@ _TRANSIENT_WORDS = ("unavailable", "rate limit", "deadline exceeded", "timed out
 # What pymilvus reports as a failed connect (code 2) but no retry fixes.
 _REFUSED_GRPC = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 _CERT_FAILURES = ("certificate_verify_failed", "verification check failed")
-
-
-def is_server_uri(uri: str) -> bool:
-    """True for ``http(s)://`` / ``tcp://`` URIs; anything else is a Milvus Lite path."""
-    return bool(_SERVER_URI.match(uri))
 
 
 class MilvusSink(Sink):

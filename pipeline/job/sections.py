@@ -1,0 +1,202 @@
+"""The job file's sections that every job has, and the base of the plug-in sections.
+
+A sink's and a backend's own settings live beside the plug-in (``sinks/parquet.py``,
+``embedders/sglang_backend/``), as a subclass of ``SinkSettings`` / ``ModelSettings``; the job
+file's ``sink`` and ``model`` are their union (``job/plugins.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.job.model_info import ModelInfo, Pooling
+
+if TYPE_CHECKING:
+    from pipeline.embedders.base import Embedder
+    from pipeline.sinks.base import GenerationMark, Sink
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+class Strict(BaseModel):
+    """A section of the job file: an unknown key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(Strict):
+    """Where documents come from and which fields hold what."""
+
+    kind: Literal["jsonl", "parquet", "hf"] | None = Field(
+        None, description="inferred from the path's extension when omitted")
+    path: str | list[str] | None = Field(None, description="file, glob, or list of them")
+    dataset: str | None = Field(None, description="hf: a hub name or a local dataset directory")
+    config: str | None = Field(None, description="hf: dataset configuration name")
+    split: str = "train"
+    streaming: bool = False
+    data_files: str | list[str] | None = None
+    id_field: str = "id"
+    text_field: str = "text"
+    metadata_fields: list[str] = Field(default_factory=list)
+    id_fallback: Literal["error", "content_hash"] = Field(
+        "error", description="what to do with a row without an id")
+    on_bad_row: Literal["error", "dead_letter"] = "dead_letter"
+
+    @model_validator(mode="after")
+    def _where(self) -> SourceConfig:
+        if self.kind == "hf" or (self.kind is None and self.dataset):
+            if not self.dataset:
+                raise ValueError("source.dataset is required for kind 'hf'")
+            self.kind = "hf"
+        elif not self.path:
+            raise ValueError("source.path (or source.dataset for a datasets source) is required")
+        return self
+
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class ChunkingConfig(Strict):
+    """How documents become chunks the model can take whole."""
+
+    max_tokens: int = Field(512, gt=8, description="tokens per chunk, special tokens included")
+    overlap_tokens: int = Field(0, ge=0)
+    over_length: Literal["split", "truncate", "skip"] = Field(
+        "split", description="a document longer than max_tokens: split it, keep its head, "
+        "or send it to the dead-letter file")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> ChunkingConfig:
+        if self.overlap_tokens >= self.max_tokens // 2:
+            raise ValueError(
+                f"chunking.overlap_tokens: {self.overlap_tokens} must be < max_tokens/2 "
+                f"({self.max_tokens // 2})")
+        return self
+
+
+class BatchingConfig(Strict):
+    """How sorted chunks are packed into batches."""
+
+    token_budget: int = Field(16384, gt=0, description="padded tokens per batch (rows x longest)")
+    max_batch_size: int = Field(256, gt=0)
+    sort_window: int = Field(50_000, gt=0, description="chunks sorted together at most (one "
+                             "plan file)")
+    window_tokens: int = Field(
+        2_097_152, gt=0, description="tokens sorted together at most: with sort_window, bounds "
+        "the host memory a plan window takes (token ids and text), whatever the chunk sizes and "
+        "however large the corpus")
+    first_window: int = Field(
+        256, gt=0, description="chunks in the first plan window: small, so the engine gets its "
+        "first batch while the rest of the corpus is still being planned")
+
+
+class SyncConfig(Strict):
+    """How a run relates to what earlier runs published (nightly re-indexing)."""
+
+    mode: Literal["full", "incremental"] = Field(
+        "incremental", description="incremental: skip documents whose content hash is unchanged")
+    delete_missing: bool = Field(
+        False, description="remove documents absent from the source (opt-in: a partial source "
+        "must not wipe the index)")
+    keep_previous: int = Field(
+        1, ge=0, description="older generations (collections / Parquet versions) kept after a "
+        "model or settings change")
+
+
+class ModelSettings(Strict):
+    """The embedding model and how its output becomes the stored vector: what every backend
+    shares. A backend adds its own settings in a subclass named by ``backend``."""
+
+    backend: str
+    path: str = Field(..., description="a directory, 'package:<module>/<subdir>', or a hub id")
+    revision: str | None = None
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    dimension: int | None = Field(None, gt=0, description="Matryoshka dimension; None = native")
+    normalize: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    query_instruction: str | None = Field(
+        None, description="task text for queries: 'Instruct: {task}\\nQuery:{text}'; never for documents")
+
+    def pooling_for(self, info: ModelInfo) -> Pooling:
+        """The pooling to use: the job's, or the model's own for ``auto``."""
+        return info.pooling if self.pooling == "auto" else self.pooling
+
+    def max_context(self, info: ModelInfo) -> int:
+        """The longest sequence, special tokens included, the backend embeds."""
+        return info.max_context
+
+    def device_problem(self) -> str | None:
+        """An unknown device, or a GPU the machine does not have, said before a model loads."""
+        if not _DEVICE.match(self.device):
+            return f"model.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N"
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                return (f"model.device: {self.device} asked for, but torch sees no CUDA GPU on "
+                        f"this machine")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                return (f"model.device: {self.device}: this machine has "
+                        f"{torch.cuda.device_count()} GPU(s)")
+        return None
+
+    def make(self, info: ModelInfo, pad_id: int) -> Embedder:
+        """The embedder; ``pad_id`` fills batches for a backend that pads."""
+        raise NotImplementedError
+
+
+class SinkSettings(Strict):
+    """Where vectors go: what every sink shares. A sink adds its own settings in a subclass
+    named by ``kind``."""
+
+    kind: str
+    collection: str | None = Field(
+        None, description="the name readers use (Milvus alias, Parquet CURRENT); default: the "
+        "job's name")
+    store_text: bool = True
+    retries: int = Field(5, ge=1, description="attempts for a write that fails transiently")
+    retry_base_delay_s: float = Field(0.5, ge=0, description="first backoff; doubles, with jitter")
+
+    def target_name(self, alias: str, fingerprint: str, generation: int) -> str:
+        """Where generation ``generation`` of these settings (``fingerprint``) is written."""
+        raise NotImplementedError
+
+    def describe(self, resolve: Callable[[str], Path], target: str, alias: str) -> str:
+        """The destination in words, for the report and the messages (never a secret)."""
+        raise NotImplementedError
+
+    def identity_where(self) -> str:
+        """Where it writes, as the job file says it (no credentials): part of the job's
+        identity, so another job's state is never taken for this one's."""
+        raise NotImplementedError
+
+    def doc_id_limit(self) -> int | None:
+        """The longest document id, in UTF-8 bytes, the destination stores (None: any)."""
+        return None
+
+    def problems(self, resolve: Callable[[str], Path]) -> list[str]:
+        """What keeps the sink from being made, found without connecting (one line each)."""
+        return []
+
+    def secrets(self) -> list[str]:
+        """Every secret these settings hold, for redaction. Never raises."""
+        return []
+
+    def make(self, resolve: Callable[[str], Path], alias: str, target: str,
+             base: str | None = None, file_metadata: Mapping[str, str] | None = None,
+             mark: GenerationMark | None = None) -> Sink:
+        """The sink writing generation ``target``, published as ``alias``.
+
+        ``base`` is the published generation an incremental run builds on (None: a fresh
+        build); ``file_metadata`` (model, fingerprint) goes into what the sink writes;
+        ``mark`` into the generation when it is created.
+        """
+        raise NotImplementedError

@@ -1,0 +1,180 @@
+"""The Milvus sink's settings and facts; the sink itself (``sink.py``, with pymilvus) is
+imported only when a job writes to Milvus.
+
+A generation is one collection per fingerprint (``<alias>__<fp>``), updated in place by runs
+with the same settings, so a nightly sync touches only what changed; readers use the alias.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote
+
+from pydantic import Field, model_validator
+
+from pipeline.errors import ConfigError
+from pipeline.job.sections import SinkSettings, Strict
+from pipeline.secrets import mask_uri, uri_secret, without_userinfo
+from pipeline.sinks.fields import MAX_DOC_ID_BYTES
+
+if TYPE_CHECKING:
+    from pipeline.sinks.base import GenerationMark, Sink
+
+_SERVER_URI = re.compile(r"^(https?|tcp)://", re.IGNORECASE)
+
+
+def is_server_uri(uri: str) -> bool:
+    """True for ``http(s)://`` / ``tcp://`` URIs; anything else is a Milvus Lite path."""
+    return bool(_SERVER_URI.match(uri))
+
+
+class IndexConfig(Strict):
+    type: str = "AUTOINDEX"
+    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TLSConfig(Strict):
+    """Certificates for TLS to a Milvus server: PEM files, paths relative to the job file."""
+
+    ca_cert: str | None = Field(
+        None, description="the CA that signed the server's certificate (default: the system's)")
+    client_cert: str | None = Field(
+        None, description="this client's certificate, for a server that asks for one (mutual TLS)")
+    client_key: str | None = Field(None, description="the client certificate's private key")
+    server_name: str | None = Field(
+        None, description="the name the server's certificate carries, when not the URI's host")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TLSConfig:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("sink.tls.client_cert and sink.tls.client_key go together")
+        if self.client_cert and not self.ca_cert:
+            # pymilvus sends a client certificate only together with a CA file
+            raise ValueError("sink.tls.client_cert needs sink.tls.ca_cert (the CA of the "
+                             "server's certificate)")
+        return self
+
+    def files(self) -> dict[str, str]:
+        """The certificate files given, by key, as written in the job file."""
+        return {key: path for key in ("ca_cert", "client_cert", "client_key")
+                if (path := getattr(self, key)) is not None}
+
+    def resolved(self, resolve: Callable[[str], Path]) -> TLSConfig:
+        """A copy whose file paths are resolved (relative to the job file)."""
+        return self.model_copy(update={k: str(resolve(p)) for k, p in self.files().items()})
+
+
+class MilvusSinkConfig(SinkSettings):
+    """Vectors into Milvus: a Milvus Lite database (a local path) or a server (a URI)."""
+
+    kind: Literal["milvus"] = "milvus"
+    uri: str | None = Field(None, description="a Milvus Lite path or http(s)://host:port")
+    token: str | None = Field(None, description="inline token (user:password); prefer token_env")
+    token_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the environment variable that holds the token, read when the sink is made")
+    secure: bool | None = Field(
+        None, description="TLS to the server; default: on for https:// URIs and when tls is set")
+    tls: TLSConfig | None = None
+    index: IndexConfig = Field(default_factory=IndexConfig)
+
+    @model_validator(mode="after")
+    def _target(self) -> MilvusSinkConfig:
+        if not self.uri:
+            raise ValueError("sink.uri is required for a milvus sink")
+        if self.token is not None and self.token_env is not None:
+            raise ValueError("sink.token and sink.token_env: give one of them, not both")
+        head, sep, _ = self.uri.partition("://")
+        scheme = head.lower() if sep else ""
+        if self.secure is False and (scheme == "https" or self.tls):
+            raise ValueError("sink.secure: false, but " + (
+                "the URI is https://" if scheme == "https" else "sink.tls is set")
+                + "; remove one of them")
+        self.secure = bool(self.secure or scheme == "https" or self.tls)
+        if self.secure and scheme not in ("http", "https", "tcp"):
+            raise ValueError("sink.secure / sink.tls: TLS is for a Milvus server "
+                             "(http(s)://host:port), not a Milvus Lite path")
+        return self
+
+    # -- facts ------------------------------------------------------------------------------
+
+    @property
+    def is_server(self) -> bool:
+        return is_server_uri(self.uri or "")
+
+    def target_name(self, alias: str, fingerprint: str, generation: int) -> str:
+        return f"{alias}__{fingerprint}"
+
+    def describe(self, resolve: Callable[[str], Path], target: str, alias: str) -> str:
+        uri = self.uri or ""
+        where = mask_uri(uri) if self.is_server else str(resolve(uri))
+        return f"{where} collection {target} (alias {alias})"
+
+    def identity_where(self) -> str:
+        return without_userinfo(self.uri or "")
+
+    def doc_id_limit(self) -> int | None:
+        return MAX_DOC_ID_BYTES
+
+    def resolved_token(self) -> str | None:
+        """The token, from the job file or from the variable ``token_env`` names. Read here,
+        when the sink is made or validated, not when the job file is loaded, so that
+        ``validate`` reports an unset variable as one of its problems."""
+        if self.token_env is None:
+            return self.token
+        value = os.environ.get(self.token_env)
+        if not value:
+            raise ConfigError(f"sink.token_env: environment variable {self.token_env} is not set "
+                              f"(or empty); export it with the server's token (user:password)")
+        return value
+
+    def secrets(self) -> list[str]:
+        """The token (and the password half of ``user:password``) and the URI's userinfo."""
+        try:
+            token = self.resolved_token()
+        except ConfigError:
+            token = None
+        # the password half alone only when it cannot be an ordinary word of a message
+        # (the default 'root:Milvus' would turn "Milvus Lite" into "*** Lite")
+        password = token.partition(":")[2] if token else ""
+        found = [token, password if len(password) >= 8 else ""] if token else []
+        in_uri = uri_secret(self.uri or "")
+        if in_uri:
+            found += [in_uri, unquote(in_uri)]
+        return list(dict.fromkeys(s for s in found if s))
+
+    def problems(self, resolve: Callable[[str], Path]) -> list[str]:
+        """The token variable and certificate files, checked before anything connects
+        (pymilvus opens the files only when it connects, and a missing one would be a
+        traceback)."""
+        problems = []
+        try:
+            self.resolved_token()
+        except ConfigError as e:
+            problems.append(str(e))
+        for key, path in (self.tls.files() if self.tls else {}).items():
+            file = resolve(path)
+            try:
+                file.open("rb").close()
+            except OSError as e:
+                problems.append(f"sink.tls.{key}: cannot read {file}: {e.strerror or e}")
+        return problems
+
+    # -- the sink ---------------------------------------------------------------------------
+
+    def make(self, resolve: Callable[[str], Path], alias: str, target: str,
+             base: str | None = None, file_metadata: Mapping[str, str] | None = None,
+             mark: GenerationMark | None = None, **options: Any) -> Sink:
+        from pipeline.sinks.milvus.sink import MilvusSink
+
+        uri = self.uri or ""
+        return MilvusSink(uri if self.is_server else str(resolve(uri)), target,
+                          token=self.resolved_token(), index=self.index,
+                          store_text=self.store_text, alias=alias, mark=mark,
+                          secure=bool(self.secure),
+                          tls=self.tls.resolved(resolve) if self.tls else None, **options)
