@@ -19,7 +19,8 @@ def _plugin_loc(err: dict[str, Any]) -> tuple[tuple[Any, ...], str | None]:
     """The error's location without the plug-in's tag pydantic puts in it (``sink.parquet.uri``
     is ``sink.uri`` in the job file), and which plug-in the section was read as."""
     loc = tuple(err["loc"])
-    kinds = {"sink": plugins.sink_kinds(), "model": plugins.backends()}
+    kinds: dict[str, dict[str, type]] = {"sink": dict(plugins.sink_kinds()),
+                                         "model": dict(plugins.backends())}
     if len(loc) > 1 and loc[0] in kinds and loc[1] in kinds[loc[0]]:
         return loc[:1] + loc[2:], str(loc[1])
     return loc, None
