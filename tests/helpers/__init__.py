@@ -1,0 +1,1 @@
+"""What the tests share: job files, CLI runs, reading vectors back, batches."""
