@@ -55,7 +55,6 @@ QWEN3_EMBEDDING_4B = {
     "torch_dtype": "bfloat16",
     "use_cache": True,
     "vocab_size": 151665,
-    "is_matryoshka": True,
 }
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
               "version": "gemm", "modules_to_not_convert": None}

@@ -55,7 +55,8 @@ def main() -> int:
     from pipeline.job.sections import ChunkingConfig
     from pipeline.plan.batching import pack_batches
     from pipeline.records import Document
-    from pipeline.run.runner import RunOptions, run_job
+    from pipeline.run.context import RunOptions
+    from pipeline.run.runner import run_job
 
     model_dir = resolve_model_dir(MINILM)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -88,7 +89,7 @@ checkpoint_dir: .embed-job/cpu_minilm
     st = SentenceTransformer(str(model_dir), device="cpu")
     info = read_model_info(model_dir)
     mtok = ModelTokenizer.from_model_dir(model_dir, info.pooling)
-    emb = TransformersEmbedder(info, mtok.pad_id, dtype="float32", device="cpu")
+    emb = TransformersEmbedder(info, mtok.pad_id, info.pooling, dtype="float32", device="cpu")
 
     def run_st() -> tuple[float, np.ndarray]:
         t = time.perf_counter()

@@ -59,6 +59,22 @@ def gpu_used_gib() -> float | None:
         return None
 
 
+def raw_requests(emb: Any, batches: list[list[list[int]]]) -> list[Any]:
+    """smoke.py's method, the engine alone: every batch one request, all in flight at once,
+    straight into the tokenizer manager of the engine ``emb`` holds, on its loop."""
+    from sglang.srt.managers.io_struct import EmbeddingReqInput
+
+    engine = emb._live_engine()
+
+    async def run_all() -> list[Any]:
+        async def one(b: list[list[int]]) -> Any:
+            gen = engine.tokenizer_manager.generate_request(EmbeddingReqInput(input_ids=b), None)
+            return await gen.__anext__()
+        return await asyncio.gather(*(one(b) for b in batches))
+
+    return emb._on_loop(run_all()).result()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["bf16", "fp8", "awq"], default="bf16")
@@ -110,7 +126,7 @@ def main() -> int:
     t = time.monotonic()
     import sglang
 
-    from pipeline.embedders.sglang_backend import SGLangConfig
+    from pipeline.embedders.sglang_backend import SGLangBackend, SGLangConfig
     from pipeline.embedders.sglang_backend.engine import SGLangEmbedder
     from pipeline.job.model_info import read_model_info
 
@@ -122,15 +138,14 @@ def main() -> int:
                        **({"max_tokens_in_flight": args.max_tokens_in_flight}
                           if args.max_tokens_in_flight else {}))
     info = read_model_info(model_dir)
+    settings = SGLangBackend(path=str(model_dir), sglang=cfg)
+    engine_kwargs = settings.engine_kwargs(info)
     t = time.monotonic()
-    emb = SGLangEmbedder(info, cfg)
+    emb = SGLangEmbedder(settings, info)
     res.add(stage=f"{args.mode}:engine_start", seconds=round(time.monotonic() - t, 1),
-            engine_kwargs={k: v for k, v in emb.kwargs.items() if k != "model_path"},
+            engine_kwargs={k: v for k, v in engine_kwargs.items() if k != "model_path"},
             gpu_used_gib=gpu_used_gib())
     try:
-        engine = emb.engine
-        from sglang.srt.managers.io_struct import EmbeddingReqInput
-
         def warmup() -> None:
             t = time.monotonic()
             w = make_docs(64, seed=1)
@@ -144,16 +159,8 @@ def main() -> int:
 
         def raw() -> dict[str, Any]:
             batches = [docs[i:i + 500] for i in range(0, len(docs), 500)]
-
-            async def run_all() -> list[Any]:
-                async def one(b: list[list[int]]) -> Any:
-                    gen = engine.tokenizer_manager.generate_request(
-                        EmbeddingReqInput(input_ids=b), None)
-                    return await gen.__anext__()
-                return await asyncio.gather(*(one(b) for b in batches))
-
             t = time.monotonic()
-            outs = emb.run(run_all()).result()
+            outs = raw_requests(emb, batches)
             dt = time.monotonic() - t
             assert sum(len(o) for o in outs) == len(docs)
             return res.add(stage=f"{args.mode}:raw_engine", tokens=n_tokens, seconds=round(dt, 2),
@@ -198,7 +205,7 @@ def main() -> int:
             v = emb.embed_batch([seq])
             res.add(stage=f"{args.mode}:long_32k", tokens=len(seq),
                     seconds=round(time.monotonic() - t, 2), finite=bool(np.isfinite(v).all()),
-                    context_length=emb.kwargs["context_length"], gpu_used_gib=gpu_used_gib())
+                    context_length=engine_kwargs["context_length"], gpu_used_gib=gpu_used_gib())
 
         if "long_32k" in stages and left() > 15:
             guarded("long_32k", long_chunk)

@@ -193,7 +193,7 @@ def main() -> int:
     def start_product() -> TransformersEmbedder:
         reset_mem()
         t = time.monotonic()
-        e = TransformersEmbedder(info, EOS, dtype="bfloat16", device=str(device),
+        e = TransformersEmbedder(info, EOS, "last", dtype="bfloat16", device=str(device),
                                  packing="on", compile="on", packed_tokens=32768)
         sync()
         res.add(stage="packed_compile_startup", seconds=round(time.monotonic() - t, 1),
@@ -324,7 +324,7 @@ def main() -> int:
 
     if emb is not None and want("packed_nocompile_32k", 35):
         def packed_nocompile() -> None:
-            e = TransformersEmbedder(info, EOS, dtype="bfloat16", device=str(device),
+            e = TransformersEmbedder(info, EOS, "last", dtype="bfloat16", device=str(device),
                                      packing="on", compile="off", packed_tokens=32768)
             timed_batches("packed_nocompile_32k", plan32, e.embed_batch, 60, corpus=note)
 

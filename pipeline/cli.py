@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import click
 import yaml
@@ -117,9 +117,11 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
     documents that changed. Warnings (dead letters, deletions, anything refused) are printed
     even with --quiet; --report and --prom are written whatever happens.
     """
+    from pipeline.run.context import RunOptions
     from pipeline.run.report import RunReport
-    from pipeline.run.runner import RunOptions, run_job
+    from pipeline.run.runner import run_job
     from pipeline.run.signals import graceful_stop
+    from pipeline.state.checkpoint import Mode
 
     out = _Console(log_format)
     report = RunReport(job=job_file.stem)
@@ -141,7 +143,8 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
                 return
             secrets = job.sink.secrets()
             report.hide(secrets)
-            options = RunOptions(restart=restart, limit=limit, progress=not quiet, mode=mode,
+            options = RunOptions(restart=restart, limit=limit, progress=not quiet,
+                                 mode=cast("Mode | None", mode),
                                  accept_missing_files=accept_missing_files,
                                  progress_interval_s=progress_every,
                                  progress_emit=out.progress)

@@ -3,7 +3,11 @@ table of exit codes the command line returns."""
 
 from __future__ import annotations
 
+import random
 import signal
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 # exit codes of `embed-job` (the README and `embed-job --help` list the same)
 EXIT_BAD_INPUT = 2  # JobError: bad job file, input or destination, too many dead letters
@@ -60,3 +64,25 @@ class Interrupted(JobError):
         super().__init__(f"stopped by {name}; progress is checkpointed — run the same command "
                          f"to resume")
         self.exit_code = EXIT_SIGNAL_BASE + signum
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one short line, as every JobError message must be (a
+    library's own text, which may span lines or pages, is folded and cut)."""
+    text = " ".join((getattr(error, "message", "") or str(error) or type(error).__name__).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+T = TypeVar("T")
+
+
+def with_retries(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Retry transient sink failures with exponential backoff and full jitter."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except TransientError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0, base_delay * 2 ** attempt))
+    raise AssertionError("unreachable")

@@ -17,13 +17,8 @@ import random
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
-
-import numpy as np
 
 from pipeline.errors import TransientError
-from pipeline.records import padded_tokens
 
 POINTS = ("after_read", "after_chunk", "after_plan_window", "during_embed", "after_embed",
           "before_sink_write", "after_sink_write", "after_ack", "during_checkpoint_write",
@@ -76,34 +71,3 @@ def fault_point(name: str) -> None:
 def memory_limit() -> int | None:
     raw = os.environ.get("EMBED_JOB_MEMORY_LIMIT_TOKENS")
     return int(raw) if raw else None
-
-
-def wrap_embedder(embedder: Any) -> Any:
-    """The embedder itself, or a proxy that fails like a small device when faults are set."""
-    if "EMBED_JOB_FAULT" not in os.environ and memory_limit() is None:
-        return embedder
-    return _FaultyEmbedder(embedder)
-
-
-class _FaultyEmbedder:
-    """Same interface; embeds batch by batch so a failure is the oldest batch's, as with a
-    real backend."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        limit = memory_limit()
-        padded = padded_tokens(batch)
-        if limit is not None and padded > limit:
-            raise MemoryError(f"injected out-of-memory: {padded} padded tokens > {limit}")
-        fault_point("during_embed")
-        return self._inner.embed_batch(batch)
-
-    def embed_stream(self, batches: Iterable[tuple[Any, Sequence[Sequence[int]]]]
-                     ) -> Iterator[tuple[Any, np.ndarray]]:
-        for key, batch in batches:
-            yield key, self.embed_batch(batch)

@@ -25,47 +25,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.errors import SinkError  # noqa: E402
-from pipeline.sinks.base import VectorBatch  # noqa: E402
+from helpers.sinks import DIM, ODD_DOC, make_batch, milvus_pks, milvus_query, milvus_search  # noqa: E402
 
-if TYPE_CHECKING:  # pymilvus only where a Milvus test runs: the Parquet tests share make_batch
+from pipeline.errors import SinkError  # noqa: E402
+
+if TYPE_CHECKING:
     from pipeline.sinks.milvus.sink import MilvusSink
 
-DIM = 8
 PORT = 19530
-ODD_DOC = 'odd "doc" \\ é 😀\nline'  # quotes, backslash, non-BMP, newline: filter escaping
 LONG_TEXT = "é" * 40_000  # 80,000 UTF-8 bytes: over VARCHAR(65535) on a server
 OK_LINE = "milvus server scenario ok"
 
 
-def make_batch(batch_id: str, start: int, n: int, dim: int = DIM) -> VectorBatch:
-    """Rows ``start..start+n``: pk ``pk<i>``, three chunks per doc, doc 1 has an odd id."""
-    rng = np.random.default_rng(start)
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    rows = range(start, start + n)
-    return VectorBatch(
-        batch_id=batch_id,
-        pks=[f"pk{i}" for i in rows],
-        doc_ids=[ODD_DOC if i // 3 == 1 else f"doc{i // 3}" for i in rows],
-        chunk_indexes=[i % 3 for i in rows],
-        doc_hashes=[f"hash{i // 3}" for i in rows],
-        vectors=vectors,
-        texts=[f"text {i}" for i in rows],
-        metadata=[{"i": i, "tags": ["a", "é"], "nested": {"ok": True, "none": None}}
-                  for i in rows],
-    )
-
-
 def run_scenario(make_sink: Callable[[], MilvusSink]) -> None:
-    """Create, write (one batch twice, as after a crash), count, read back, search, delete,
-    reopen; raises AssertionError on the first difference."""
+    """Create, write (one batch twice, as after a crash), count, read back, search, forget
+    documents, reopen; raises AssertionError on the first difference."""
     b0, b1 = make_batch("b0", 0, 10), make_batch("b1", 10, 10)
     b1.texts[0] = LONG_TEXT  # type: ignore[index]
     sink = make_sink()
@@ -73,22 +51,22 @@ def run_scenario(make_sink: Callable[[], MilvusSink]) -> None:
     assert [sink.write(b) for b in (b0, b1, b0)] == [["b0"], ["b1"], ["b0"]]
     assert sink.count() == 20, sink.count()  # Strong read, before any flush
     assert sink.on_write_complete() == []
-    assert sink.existing_pks() == set(b0.pks + b1.pks)
+    assert milvus_pks(sink) == set(b0.pks + b1.pks)
 
-    stored = next(sink.query(f'pk == "{b1.pks[0]}"', fields=("pk", "text", "metadata")))
+    stored = next(milvus_query(sink, f'pk == "{b1.pks[0]}"', fields=("pk", "text", "metadata")))
     text = stored["text"]
     assert len(text.encode()) <= 65535 and LONG_TEXT.startswith(text), len(text.encode())
     assert stored["metadata"] == b1.metadata[0], stored["metadata"]
 
-    hits = sink.search(b1.vectors[3], limit=3)
+    hits = milvus_search(sink, b1.vectors[3], limit=3)
     assert (hits[0][0], hits[0][1]) == (b1.pks[3], b1.doc_ids[3]), hits
     assert abs(hits[0][2] - 1.0) < 1e-4, hits
 
-    sink.delete_docs(["doc0", ODD_DOC, "no-such-doc"])
+    assert sink.forget(0, ["doc0", ODD_DOC, "no-such-doc"]) == []
     expected = {pk for pk, doc in zip(b0.pks + b1.pks, b0.doc_ids + b1.doc_ids)
                 if doc not in ("doc0", ODD_DOC)}
     assert sink.count() == len(expected) == 14, sink.count()
-    assert sink.existing_pks() == expected
+    assert milvus_pks(sink) == expected
     sink.close()
     sink.close()
 

@@ -9,10 +9,7 @@ sync state is rebuilt from the server; exits 0 after printing OK_LINE.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +17,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from conftest import demo_docs, make_job  # noqa: E402
+from helpers.cli import run  # noqa: E402
+from helpers.jobs import demo_docs, make_job, state_dir  # noqa: E402
+from helpers.rows import milvus_collections  # noqa: E402
 from milvus_server import PORT, serve_in_namespace  # noqa: E402
 
 URI = f"http://127.0.0.1:{PORT}"
@@ -28,25 +27,6 @@ OK_LINE = "server data-safety scenario ok"
 SMALL = {"chunking": {"max_tokens": 64, "overlap_tokens": 0},
          "batching": {"token_budget": 512, "max_batch_size": 8},
          "sink": {"uri": URI, "retry_base_delay_s": 0.01}}
-
-
-def run(job: Path) -> tuple[int, dict, str]:
-    report = job.parent / "report.json"
-    report.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet",
-                           "--report", str(report)], capture_output=True, text=True,
-                          timeout=300, cwd=HERE.parent)
-    return done.returncode, json.loads(report.read_text()), done.stderr
-
-
-def collections() -> list[str]:
-    from pymilvus import MilvusClient
-
-    client = MilvusClient(URI)
-    try:
-        return sorted(client.list_collections())
-    finally:
-        client.close()
 
 
 def hand_made(name: str) -> None:
@@ -65,30 +45,32 @@ def hand_made(name: str) -> None:
 def scenario(tmp: Path) -> None:
     docs = demo_docs(8)
     a = make_job(tmp / "a", docs, **SMALL)
-    code, first, err = run(a)
-    assert code == 0, err
+    first = run(a, process=True)
+    assert first.exit_code == 0, first.stderr
     hand_made("t__my_backup")
     # another job, same collection name, other dimension: refused before embedding
     b = make_job(tmp / "b", docs[:3], name="other", model={"dimension": 128}, **SMALL)
-    code, report, err = run(b)
-    assert code == 2 and "made by job 't'" in err and report["tokens_embedded"] == 0, err
+    done = run(b, process=True)
+    assert done.exit_code == 2 and "made by job 't'" in done.stderr and \
+        done.report["tokens_embedded"] == 0, done.stderr
     # a model change with keep_previous 0 drops only the job's own previous collection
     changed = make_job(tmp / "a", docs, **{**SMALL, "chunking": {"max_tokens": 48,
                                                                  "overlap_tokens": 0}},
                        sync={"keep_previous": 0})
-    code, second, err = run(changed)
-    assert code == 0, err
-    assert collections() == sorted(["t__my_backup", second["target"]]), collections()
+    done = run(changed, process=True)
+    assert done.exit_code == 0, done.stderr
+    collections = milvus_collections(URI)
+    assert collections == sorted(["t__my_backup", done.report["target"]]), collections
     # the sync state is lost: rebuilt from the server, nothing embedded again
-    shutil.rmtree(tmp / "a" / ".embed-job")
-    code, third, err = run(changed)
-    assert code == 5 and third["tokens_embedded"] == 0, err
-    assert "rebuilt from the live generation" in err, err
-    print(f"collections {collections()}; rebuilt: {err.strip()[:120]}", flush=True)
+    shutil.rmtree(state_dir(changed).root)
+    done = run(changed, process=True)
+    assert done.exit_code == 5 and done.report["tokens_embedded"] == 0, done.stderr
+    assert "rebuilt from the live generation" in done.stderr, done.stderr
+    print(f"collections {milvus_collections(URI)}; rebuilt: {done.stderr.strip()[:120]}",
+          flush=True)
 
 
 def main() -> int:
-    os.environ.pop("EMBED_JOB_FAULT", None)
     return serve_in_namespace(lambda _, data: scenario(data / "jobs"), OK_LINE)
 
 

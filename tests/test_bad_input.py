@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +19,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner, Result
-from conftest import demo_docs, make_job
+from helpers.cli import Result, dead_letters, invoke, run
+from helpers.jobs import demo_docs, make_job, state_dir
+from helpers.rows import parquet_rows, published_version
 from reliability import record
-from store_readers import parquet_rows
 from transformers import AutoTokenizer
-
-from pipeline.cli import main
 
 PARQUET_SINK = {"kind": "parquet", "path": "v"}
 MAX_TOKENS = 128  # make_job's chunking.max_tokens
@@ -36,14 +32,22 @@ MAX_TOKENS = 128  # make_job's chunking.max_tokens
 # ----------------------------------------------------------------------------- helpers
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """One CLI run: where it ran, what it printed, and what it left behind."""
+    """One CLI run of ``job``: what it printed, and what it left behind."""
 
-    dir: Path
+    job: Path
     exit_code: int
     output: str
     exception: BaseException | None = None
+
+    @classmethod
+    def of(cls, job: Path, done: Result) -> Run:
+        return cls(job, done.exit_code, done.output, done.exception)
+
+    @property
+    def dir(self) -> Path:
+        return self.job.parent
 
     @property
     def lines(self) -> list[str]:
@@ -56,14 +60,11 @@ class Run:
 
     @property
     def dead_letters(self) -> list[dict[str, Any]]:
-        path = self.dir / ".embed-job" / "t" / "dead_letters.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        return dead_letters(self.job)
 
     @property
     def published(self) -> bool:
-        return (self.dir / "v" / "CURRENT").exists()
+        return published_version(self.dir / PARQUET_SINK["path"]) is not None
 
     def short(self, text: str) -> str:
         """``text`` with this run's directory taken out of paths, for the table."""
@@ -84,19 +85,14 @@ class Run:
 
 
 def run_cli(job: Path, *args: str) -> Run:
-    """``embed-job run JOB --quiet --report DIR/report.json`` in this process."""
-    result: Result = CliRunner().invoke(
-        main, ["run", str(job), "--quiet", "--report", str(job.parent / "report.json"), *args])
-    crashed = None if isinstance(result.exception, (SystemExit, type(None))) else result.exception
-    return Run(job.parent, result.exit_code, result.output, crashed)
+    """``embed-job run JOB --quiet --report DIR/report.json`` in this process; a crash is
+    kept, for the table."""
+    return Run.of(job, run(job, *args, catch=True))
 
 
 def run_process(job: Path) -> Run:
     """The same command in a real process, so stray warnings or tracebacks on stderr count."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet",
-                           "--report", str(job.parent / "report.json")],
-                          capture_output=True, text=True, timeout=300, cwd=job.parent)
-    return Run(job.parent, proc.returncode, proc.stdout + proc.stderr)
+    return Run.of(job, run(job, process=True))
 
 
 def expect_error(run: Run, category: str, case: str, *needles: str) -> str:
@@ -116,10 +112,10 @@ def expect_error(run: Run, category: str, case: str, *needles: str) -> str:
 
 def stored_chunks(run: Run) -> dict[str, list[tuple[int, str]]]:
     """doc id -> [(chunk index, text)] of the published Parquet version, read with pyarrow."""
-    rows = parquet_rows(run.dir / "v")  # also fails on a duplicate primary key
-    current = json.loads((run.dir / "v" / "CURRENT").read_text())["version"]
+    root = run.dir / PARQUET_SINK["path"]
+    rows = parquet_rows(root)  # also fails on a duplicate primary key
     texts: dict[str, str] = {}
-    for f in sorted((run.dir / "v" / current).glob("*.parquet")):
+    for f in sorted(published_version(root).glob("*.parquet")):
         t = pq.read_table(f, columns=["pk", "text"])
         texts.update(zip(t["pk"].to_pylist(), t["text"].to_pylist()))
     docs: dict[str, list[tuple[int, str]]] = {}
@@ -503,7 +499,7 @@ def test_whole_file_of_wrong_type_trips_the_dead_letter_ratio(tmp_path: Path) ->
     run = run_cli(job)
     expect_error(run, "Parquet files", "whole file with an int text column (25 of 45 rows)",
                  "error: 25 of 45 rows are dead letters", "max_dead_letter_ratio 10%",
-                 ".embed-job/t/dead_letters.jsonl")
+                 str(state_dir(job).dead_letters.relative_to(tmp_path)))
     assert len(run.dead_letters) == 25
 
 
@@ -740,8 +736,7 @@ def test_nan_metadata_from_pandas_is_stored_as_null(tmp_path: Path) -> None:
     run = run_cli(job)
     stored: dict[str, Any] = {}
     if run.published:
-        current = json.loads((run.dir / "v" / "CURRENT").read_text())["version"]
-        for f in sorted((run.dir / "v" / current).glob("*.parquet")):
+        for f in sorted(published_version(run.dir / PARQUET_SINK["path"]).glob("*.parquet")):
             t = pq.read_table(f, columns=["doc_id", "metadata"])
             stored.update(zip(t["doc_id"].to_pylist(), t["metadata"].to_pylist()))
     record("Parquet rows", "NaN / ±Infinity metadata (pandas float column)",
@@ -815,14 +810,10 @@ def _hub_job(tmp_path: Path) -> Path:
                             "metadata_fields": []})
 
 
-def _hub_env(tmp_path: Path, **env: str) -> dict[str, str]:
-    """The environment, with datasets' caches in ``tmp_path`` and no offline setting but
-    ``env``'s."""
-    import os
-
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    return {**base, "HF_HOME": str(tmp_path / "hf"),
+def _hub_env(tmp_path: Path, **env: str) -> dict[str, str | None]:
+    """Datasets' caches in ``tmp_path``, and no offline setting but ``env``'s."""
+    unset = dict.fromkeys(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return {**unset, "HF_HOME": str(tmp_path / "hf"),
             "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), **env}
 
 
@@ -842,20 +833,18 @@ def test_hub_dataset_out_of_reach(tmp_path: Path, case: str, command: str) -> No
     env, needle = HUB_CASES[case]
     job = _hub_job(tmp_path)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", command, str(job),
-                           *(["--quiet"] if command == "run" else [])],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env=_hub_env(tmp_path, **env), check=False)
+    proc = invoke(command, str(job), *(["--quiet"] if command == "run" else []),
+                  process=True, cwd=tmp_path, env=_hub_env(tmp_path, **env))
     elapsed = time.monotonic() - started
-    run = Run(tmp_path, proc.returncode, proc.stderr)
+    run = Run(job, proc.exit_code, proc.stderr)
     errors = [line for line in run.lines if line.startswith("error: ")]
     record("datasets source", f"hub dataset out of reach, {case} ({command})",
            f"exit 2 in < 10 s, one line: not a local dataset … {needle}",
            f"{run.observed()} ({elapsed:.0f} s)")
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    assert proc.returncode == 2, proc.stderr
+    assert proc.exit_code == 2, proc.stderr
     assert len(errors) == 1, proc.stderr
     assert f"hf:{HUB_NAME}: not a local dataset ({HUB_NAME} does not exist)" in run.short(errors[0])
     assert needle in errors[0] and "save_to_disk" in errors[0]
     assert elapsed < 10, f"took {elapsed:.1f} s"
-    assert not (tmp_path / "v" / "CURRENT").exists()
+    assert not run.published

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import demo_docs
+from helpers.jobs import demo_docs
 from qwen_vocab import PATTERN, SPECIAL, ranks_file
 from tiny_models import EOS, build_tiny_qwen3
 from tokenizers import Encoding, Tokenizer, processors

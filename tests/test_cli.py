@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import REPO, demo_docs, make_job
+from helpers.cli import invoke, run
+from helpers.jobs import REPO, demo_docs, make_job, state_dir, write_jsonl
 
-from pipeline.cli import main
 from pipeline.job.load import load_job
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def test_validate_prints_the_resolved_job(tmp_path: Path) -> None:
@@ -58,8 +53,8 @@ def test_missing_source_and_model_are_named(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "nope/*.jsonl" in result.output and "no-model" in result.output
     assert "Traceback" not in result.output
-    run = invoke("run", str(job), "--quiet")
-    assert run.exit_code == 2 and "Traceback" not in run.output
+    ran = run(job, report=False)
+    assert ran.exit_code == 2 and "Traceback" not in ran.output
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
@@ -74,11 +69,11 @@ def test_status_before_and_after_a_run(tmp_path: Path) -> None:
     job = make_job(tmp_path, demo_docs(3), sink={"kind": "parquet", "path": "v"})
     before = json.loads(invoke("status", str(job), "--json").output)
     assert before["state"] == "not started" and "published_target" not in before
-    run = invoke("run", str(job), "--report", str(tmp_path / "report.json"))
-    assert run.exit_code == 0, run.output
-    assert "documents     3" in run.output  # the one-screen summary
+    ran = run(job, quiet=False)
+    assert ran.exit_code == 0, ran.output
+    assert "documents     3" in ran.output  # the one-screen summary
     after = json.loads(invoke("status", str(job), "--json").output)
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = ran.report
     assert after["state"] == "published"
     assert after["published_documents"] == report["docs"] == 3
     assert after["published_target"] == report["target"]
@@ -91,7 +86,7 @@ def test_status_before_and_after_a_run(tmp_path: Path) -> None:
     assert checked.exit_code == 0, checked.output
     assert f"# destination: checked {tmp_path / 'v'} (local)" in checked.stderr
     other = yaml.safe_load(job.read_text())
-    other.update(name="u", checkpoint_dir=".embed-job/u")
+    other["name"] = "u"  # another job, in its own (default) checkpoint_dir
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
     refused = invoke("validate", str(tmp_path / "other.yaml"))
     assert refused.exit_code == 2
@@ -99,16 +94,16 @@ def test_status_before_and_after_a_run(tmp_path: Path) -> None:
         f"error: {tmp_path / 'other.yaml'}: sink.path: CURRENT points at "
         f"{report['target']!r}, which this job did not create (made by job 't'); use another "
         f"sink.path"]
-    other["checkpoint_dir"] = ".embed-job/t"  # t's state: refused before the destination
+    other["checkpoint_dir"] = str(state_dir(job).root)  # t's state: refused before the destination
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
     [line] = error_lines(invoke("validate", str(tmp_path / "other.yaml")))
     assert line.startswith(f"error: {tmp_path / 'other.yaml'}: checkpoint_dir: "
-                           f"{tmp_path / '.embed-job' / 't'} holds the state of job 't' "), line
+                           f"{state_dir(job).root} holds the state of job 't' "), line
 
 
 def test_status_of_an_unfinished_run(tmp_path: Path) -> None:
     job = make_job(tmp_path, demo_docs(4), sink={"kind": "parquet", "path": "v"})
-    trial = invoke("run", str(job), "--quiet", "--limit", "2")
+    trial = run(job, "--limit", "2", report=False)
     assert trial.exit_code == 0, trial.output
     state = json.loads(invoke("status", str(job), "--json").output)
     assert state["state"] == "in progress (plan incomplete)" and not state["plan_complete"]
@@ -125,10 +120,10 @@ def test_status_shows_where_the_dead_letters_are_and_why(tmp_path: Path) -> None
                    max_dead_letter_ratio=1.0)
     with (tmp_path / "corpus.jsonl").open("a") as f:
         f.write("{not json\n")
-    assert invoke("run", str(job), "--quiet").exit_code == 0
+    assert run(job, report=False).exit_code == 0
     state = json.loads(invoke("status", str(job), "--json").output)
     assert state["dead_letters"] == 4
-    assert state["dead_letter_file"] == str(tmp_path / ".embed-job" / "t" / "dead_letters.jsonl")
+    assert state["dead_letter_file"] == str(state_dir(job).dead_letters)
     reasons = state["dead_letter_reasons"]
     assert len(reasons) == 2 and sorted(reasons.values()) == [1, 3], reasons
     text = invoke("status", str(job)).output
@@ -139,7 +134,7 @@ def test_status_shows_where_the_dead_letters_are_and_why(tmp_path: Path) -> None
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
     job = make_job(tmp_path, demo_docs(2), sink={"kind": "parquet", "path": "v"})
-    result = invoke("run", str(job), "--quiet")
+    result = run(job, report=False)
     assert result.exit_code == 0 and result.output == ""
 
 
@@ -166,8 +161,6 @@ def test_help_is_self_contained() -> None:
 
 
 def test_init_prints_a_job_that_validates(tmp_path: Path) -> None:
-    from conftest import write_jsonl
-
     result = invoke("init")
     assert result.exit_code == 0 and result.stderr == ""
     (tmp_path / "job.yaml").write_text(result.stdout)

@@ -9,9 +9,7 @@ the test runs this file as a script under ``unshare -n`` (as tests/milvus_server
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -27,8 +25,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import make_job
+from helpers.cli import Result, invoke, run
+from helpers.jobs import make_job, state_dir
 from milvus_server import (
     print_server_logs,
     run_script_in_namespace,
@@ -37,7 +35,6 @@ from milvus_server import (
 )
 from pymilvus import MilvusException
 
-from pipeline.cli import main
 from pipeline.errors import ConfigError, SinkError
 from pipeline.job.load import load_job
 from pipeline.secrets import mask_uri, redact, redacted_logging
@@ -81,18 +78,8 @@ def make_certs(directory: Path) -> dict[str, Path]:
                                                 "client.pem", "client.key")}
 
 
-def cli(job: Path, *args: str, env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess[str]:
-    """``embed-job ARGS JOB`` in a real process: every line it lets through counts (pymilvus
-    logs through its own handlers, gRPC's C core writes to the file descriptor)."""
-    command, *rest = args
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", command, str(job), *rest],
-                          capture_output=True, text=True, timeout=300, cwd=job.parent,
-                          env={**os.environ, **(env or {})})
-
-
-def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.strip()]
+def error_lines(done: Result) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.strip()]
 
 
 def leaks(texts: list[str], root: Path, keep_out: tuple[Path, ...] = ()) -> list[str]:
@@ -258,10 +245,6 @@ def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 # ------------------------------------------------------------------ validate and run
 
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(main, list(args))
-
-
 def test_unset_token_variable_is_refused_by_validate_and_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MILVUS_TOKEN", raising=False)
@@ -271,7 +254,7 @@ def test_unset_token_variable_is_refused_by_validate_and_run(
     for args in (("validate", str(job)), ("run", str(job), "--quiet")):
         result = invoke(*args)
         assert result.exit_code == 2 and result.stderr.splitlines() == [line], result.output
-    assert not (tmp_path / ".embed-job" / "t" / "run").exists()  # refused before it started
+    assert not state_dir(job).run_dir.exists()  # refused before it started
 
 
 def test_missing_certificate_file_is_refused_by_validate_and_run(tmp_path: Path) -> None:
@@ -313,19 +296,21 @@ def test_no_secret_in_any_output_of_a_failing_run(tmp_path: Path) -> None:
     job = make_job(tmp_path, DOCS, sink={"uri": f"http://root:{URI_PASSWORD}@127.0.0.1:{port}",
                                          "token": INLINE, "retries": 1,
                                          "retry_base_delay_s": 0.01})
-    validate = cli(job, "validate", "--offline")
-    assert validate.returncode == 0, validate.stderr
+    # real processes, in the job's directory: every line they let through counts (pymilvus
+    # logs through its own handlers, gRPC's C core writes to the file descriptor)
+    validate = invoke("validate", str(job), "--offline", process=True, cwd=tmp_path)
+    assert validate.exit_code == 0, validate.stderr
     assert yaml.safe_load(validate.stdout)["sink"]["uri"] == f"http://root:***@127.0.0.1:{port}"
-    run = cli(job, "run", "--quiet", "--report", "report.json", "--prom", "run.prom")
-    assert run.returncode == 6, run.stderr
-    lines = error_lines(run)
+    ran = run(job, "--prom", "run.prom", process=True)
+    assert ran.exit_code == 6, ran.stderr
+    lines = error_lines(ran)
     assert len(lines) == 1 and lines[0].startswith(
-        f"error: milvus http://root:***@127.0.0.1:{port} collection "), run.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
+        f"error: milvus http://root:***@127.0.0.1:{port} collection "), ran.stderr
+    report = ran.report
     assert f"http://root:***@127.0.0.1:{port}" in report["error"], report
-    status = cli(job, "status", "--json")
-    assert status.returncode == 0, status.stderr
-    outputs = [p.stdout + p.stderr for p in (validate, run, status)]
+    status = invoke("status", str(job), "--json", process=True, cwd=tmp_path)
+    assert status.exit_code == 0, status.stderr
+    outputs = [p.stdout + p.stderr for p in (validate, ran, status)]
     assert (tmp_path / "run.prom").exists()
     assert leaks(outputs, tmp_path, keep_out=(job,)) == []
 
@@ -339,14 +324,14 @@ def test_no_secret_in_any_output_of_a_completed_run(tmp_path: Path, lite_server:
     with (tmp_path / "corpus.jsonl").open("a") as f:
         f.write("{not json\n")
     env = {"MILVUS_TOKEN": ENV_TOKEN}
-    validate = cli(job, "validate", "--offline", env=env)
-    run = cli(job, "run", "--report", "report.json", "--prom", "run.prom", env=env)
-    assert run.returncode == 0, run.stderr
-    assert f"in http://root:***@{lite_server} collection" in run.stderr, run.stderr
-    assert (tmp_path / ".embed-job" / "t" / "dead_letters.jsonl").exists()
-    status = cli(job, "status", env=env)
-    outputs = [p.stdout + p.stderr for p in (validate, run, status)]
-    assert validate.returncode == status.returncode == 0, outputs
+    validate = invoke("validate", str(job), "--offline", process=True, cwd=tmp_path, env=env)
+    ran = run(job, "--prom", "run.prom", quiet=False, process=True, env=env)
+    assert ran.exit_code == 0, ran.stderr
+    assert f"in http://root:***@{lite_server} collection" in ran.stderr, ran.stderr
+    assert state_dir(job).dead_letters.exists()
+    status = invoke("status", str(job), process=True, cwd=tmp_path, env=env)
+    outputs = [p.stdout + p.stderr for p in (validate, ran, status)]
+    assert validate.exit_code == status.exit_code == 0, outputs
     assert leaks(outputs, tmp_path, keep_out=(job,)) == []
 
 
@@ -356,9 +341,9 @@ def test_tls_client_against_a_plain_server(tmp_path: Path, lite_server: str,
     in one line that says why."""
     job = make_job(tmp_path, DOCS, sink={"uri": f"http://{lite_server}", "retries": 1,
                                          "tls": {"ca_cert": str(certs["ca.pem"])}})
-    run = cli(job, "run", "--quiet")
-    lines = error_lines(run)
-    assert run.returncode == 6 and len(lines) == 1, run.stderr
+    ran = run(job, report=False, process=True)
+    lines = error_lines(ran)
+    assert ran.exit_code == 6 and len(lines) == 1, ran.stderr
     assert "Tls handshake failed" in lines[0] and "still failing after 1 attempts" in lines[0]
 
 
@@ -435,20 +420,20 @@ def _wait_tls(proc: subprocess.Popen[bytes], **kwargs: Any) -> float:
 def _refused(job: Path, env: dict[str, str], *needles: str) -> None:
     """The run stops with one line, exit 2 (a retried error would end in exit 6), and no
     secret anywhere."""
-    run = cli(job, "run", "--quiet", "--report", "report.json", env=env)
-    lines = error_lines(run)
-    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    ran = run(job, process=True, env=env)
+    lines = error_lines(ran)
+    assert ran.exit_code == 2 and len(lines) == 1, ran.stderr
     assert all(needle in lines[0] for needle in needles), lines
-    report = json.loads((job.parent / "report.json").read_text())
+    report = ran.report
     assert report["status"] == "failed" and report["error"] in lines[0], report
-    assert leaks([run.stdout + run.stderr], job.parent, keep_out=(job,)) == [], lines
+    assert leaks([ran.stdout + ran.stderr], job.parent, keep_out=(job,)) == [], lines
     print(f"refused as expected: {lines[0]}", flush=True)
 
 
 def _completed(job: Path, env: dict[str, str]) -> None:
-    run = cli(job, "run", "--quiet", "--report", "report.json", env=env)
-    assert run.returncode == 0, run.stderr
-    report = json.loads((job.parent / "report.json").read_text())
+    ran = run(job, process=True, env=env)
+    assert ran.exit_code == 0, ran.stderr
+    report = ran.report
     assert report["vectors_written"] == len(DOCS), report
     print(f"{job.parent.name}: {len(DOCS)} vectors written over TLS", flush=True)
 

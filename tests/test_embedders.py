@@ -1,4 +1,5 @@
-"""The transformers backend, pooling, Matryoshka truncation and the embedder factory.
+"""The embedder contract, a backend plug-in, the transformers backend, pooling, Matryoshka
+truncation, the embedder factory, and the out-of-memory back-off.
 
 Real models: all-MiniLM-L6-v2 (mean pooling, right padding; semantics checked against
 sentence-transformers) and a random tiny Qwen3 (last-token pooling, left padding).
@@ -6,17 +7,24 @@ sentence-transformers) and a random tiny Qwen3 (last-token pooling, left padding
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from tiny_models import build_tiny_qwen3
 
-from pipeline.embedders import make_embedder
+from pipeline.embedders import Embedder, make_embedder
+from pipeline.embedders.faulty import wrap_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.embedders.pooling import cls_pool, last_token_pool, mean_pool
+from pipeline.embedders.resilient import ResilientEmbedding, SafeBudget
 from pipeline.embedders.transformers_backend import TransformersBackend
 from pipeline.embedders.transformers_backend.model import TransformersEmbedder
 from pipeline.job.model_info import read_model_info, resolve_model_dir
@@ -56,8 +64,8 @@ def minilm(minilm_dir: Path) -> Iterator[tuple[TransformersEmbedder, IdsOf]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    emb = TransformersEmbedder(read_model_info(minilm_dir), tok.pad_token_id, dtype="float32",
-                               device="cpu")
+    emb = TransformersEmbedder(read_model_info(minilm_dir), tok.pad_token_id, "mean",
+                               dtype="float32", device="cpu")
     yield emb, lambda text: tok(text)["input_ids"]  # [CLS] ... [SEP]
     emb.close()
 
@@ -67,10 +75,165 @@ def qwen3(qwen3_dir: Path) -> Iterator[tuple[TransformersEmbedder, IdsOf]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(qwen3_dir)
-    emb = TransformersEmbedder(read_model_info(qwen3_dir), tok.pad_token_id, dtype="float32",
-                               device="cpu")
+    emb = TransformersEmbedder(read_model_info(qwen3_dir), tok.pad_token_id, "last",
+                               dtype="float32", device="cpu")
     yield emb, lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     emb.close()
+
+
+# ---- the contract
+
+class Lengths(Embedder):
+    """Each sequence's vector is (its length, its first id): rows can be told apart."""
+
+    name = "lengths"
+    max_context = 1000
+    native_dim = 2
+
+    def __init__(self) -> None:
+        self.released = 0
+        self.closed = False
+
+    def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        return np.array([[len(s), s[0]] for s in batch], dtype=np.float32).reshape(-1, 2)
+
+    def release_memory(self) -> None:
+        self.released += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_embedder_that_does_not_say_what_it_is_cannot_be_made() -> None:
+    class Nameless(Embedder):
+        max_context = 8
+        native_dim = 2
+
+        def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+            return np.zeros((len(batch), 2), np.float32)
+
+    with pytest.raises(TypeError, match="abstract.*name"):
+        Nameless()
+    emb = Lengths()
+    Embedder.release_memory(emb)  # the default: nothing to give back
+    assert [(k, v.tolist()) for k, v in emb.embed_stream([("a", [[7, 8]]), ("b", [])])] == [
+        ("a", [[2.0, 7.0]]), ("b", [])]
+
+
+PLUGIN = '''"""A backend of its own: its settings and its embedder, in one module."""
+
+from typing import Literal
+
+import numpy as np
+
+from pipeline.embedders import Embedder
+from pipeline.job.sections import ModelSettings
+
+
+class CountingEmbedder(Embedder):
+    name = "counting"
+    max_context = 16
+
+    def __init__(self, width, scale):
+        self.width, self.scale = width, scale
+
+    @property
+    def native_dim(self):
+        return self.width
+
+    def embed_batch(self, batch):
+        return np.array([[len(s) * self.scale] + [0.0] * (self.width - 1) for s in batch],
+                        dtype=np.float32).reshape(len(batch), self.width)
+
+
+class CountingBackend(ModelSettings):
+    backend: Literal["counting"] = "counting"
+    scale: float = 1.0
+
+    def max_context(self, info):
+        return 16
+
+    def make(self, info, pad_id):
+        return CountingEmbedder(info.hidden_size, self.scale)
+'''
+
+RUN_PLUGIN = """
+import json, sys
+from pipeline.embedders import make_embedder
+from pipeline.job.load import load_job
+from pipeline.job.model_info import read_model_info, resolve_model_dir
+
+job = load_job(sys.argv[1])
+info = read_model_info(resolve_model_dir(job.model.path, job.model.revision, job.base_dir))
+with make_embedder(job.model, info, pad_id=0) as emb:
+    vectors = {k: v.tolist() for k, v in emb.embed_stream([("a", [[5, 6, 7]]), ("b", [[1], [2, 3]])])}
+print(json.dumps({"settings": type(job.model).__name__, "scale": job.model.scale,
+                  "embedder": emb.name, "max_context": job.model.max_context(info),
+                  "pooling": job.model.pooling_for(info), "device": job.model.device_problem(),
+                  "vectors": vectors}))
+"""
+
+
+def test_a_backend_is_one_module_and_one_entry_point(tmp_path: Path) -> None:
+    """A plug-in installed beside the product: the job file names it, and the run layer's
+    calls (facts, make_embedder) reach it; nothing in the product is edited."""
+    site = tmp_path / "site"
+    dist = site / "counting_backend-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / "counting_backend.py").write_text(PLUGIN)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: counting-backend\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[embed_job.backends]\ncounting = counting_backend:CountingBackend\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(
+        json.dumps({"hidden_size": 3, "max_position_embeddings": 64}))
+    (tmp_path / "job.yaml").write_text(
+        "name: t\nsource: {path: corpus.jsonl}\n"
+        "model: {backend: counting, path: model, scale: 0.5}\n"
+        "sink: {kind: parquet, path: vectors}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", RUN_PLUGIN, str(tmp_path / "job.yaml")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "settings": "CountingBackend", "scale": 0.5, "embedder": "counting", "max_context": 16,
+        "pooling": "mean", "device": None,
+        "vectors": {"a": [[1.5, 0.0, 0.0]], "b": [[0.5, 0.0, 0.0], [1.0, 0.0, 0.0]]}}
+
+
+# ---- out-of-memory back-off, through the fault proxy
+
+class Planned(NamedTuple):
+    key: str
+    token_ids: list[list[int]]
+
+
+def test_back_off_splits_what_does_not_fit_and_reports_what_never_fits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that fits 40 padded tokens: a batch of 80 is split and comes back whole; a
+    50-token chunk fails alone and comes back NaN, told to ``on_unfit``; results keep order."""
+    monkeypatch.delenv("EMBED_JOB_FAULT", raising=False)
+    assert isinstance(wrap_embedder(Lengths()), Lengths)  # no faults set: the embedder itself
+    monkeypatch.setenv("EMBED_JOB_MEMORY_LIMIT_TOKENS", "40")
+    inner = Lengths()
+    unfit: list[tuple[str, int, str]] = []
+    limits: list[int | None] = []
+    engine = ResilientEmbedding(lambda: wrap_embedder(inner), SafeBudget(None, ceiling=1000),
+                                on_unfit=lambda b, row, e: unfit.append((b.key, row, type(e).__name__)),
+                                on_budget_change=limits.append)
+    emb = engine.embedder
+    assert (emb.name, emb.max_context, emb.native_dim) == ("lengths", 1000, 2)
+    batches = [Planned("small", [[1] * 5] * 4), Planned("big", [[2] * 20, [3] * 20, [4] * 20, [5] * 20]),
+               Planned("huge", [[6] * 50])]
+    out = list(engine.run(batches))
+    assert [b.key for b, _ in out] == ["small", "big", "huge"]
+    assert out[1][1].tolist() == [[20, 2], [20, 3], [20, 4], [20, 5]]
+    assert np.isnan(out[2][1]).all()
+    assert unfit == [("huge", 0, "MemoryError")] and limits[0] == 40
+    assert inner.released >= 3  # every out-of-memory error gave memory back first
+    engine.close()
+    assert inner.closed
 
 
 # ---- pooling
@@ -185,10 +348,10 @@ def test_minilm_vectors_mean_something(minilm: tuple[TransformersEmbedder, IdsOf
 
 def test_factory_resolves_pooling_and_names(minilm_dir: Path, qwen3_dir: Path) -> None:
     for path, pooling, dim in ((minilm_dir, "mean", 384), (qwen3_dir, "last", 64)):
-        cfg = TransformersBackend(path=str(path), revision="r1", dtype="float32", device="cpu")
+        cfg = TransformersBackend(path=str(path), dtype="float32", device="cpu")
         emb = make_embedder(cfg, read_model_info(path), pad_id=0)
         assert isinstance(emb, TransformersEmbedder)
-        assert (emb.pooling, emb.native_dim, emb.name, emb.revision) == (pooling, dim, path.name, "r1")
+        assert (emb.pooling, emb.native_dim, emb.name) == (pooling, dim, path.name)
         assert emb.max_context == read_model_info(path).max_context
         emb.close()
         emb.close()  # safe twice

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
-from conftest import demo_docs, make_job
-from store_readers import milvus_rows, parquet_rows
+from helpers.cli import run
+from helpers.jobs import demo_docs, make_job
+from helpers.rows import stored_rows
 
 from pipeline.chunking import Chunker
-from pipeline.cli import main
 from pipeline.job.load import load_job
 from pipeline.keys import chunk_pk
 from pipeline.records import Document
-from pipeline.run.runner import JobContext
+from pipeline.run.context import JobContext
 
 
 def expected_pks(job_path: Path, docs: list[dict]) -> set[str]:
@@ -37,14 +35,14 @@ def milvus_run(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("e2e")
     docs = demo_docs(25)
     job = make_job(tmp, docs)
-    result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report", str(tmp / "r.json")])
+    result = run(job)
     assert result.exit_code == 0, result.output
-    return tmp, docs, job, json.loads((tmp / "r.json").read_text())
+    return tmp, docs, job, result.report
 
 
 def test_milvus_holds_exactly_the_expected_keys(milvus_run) -> None:
-    tmp, docs, job, report = milvus_run
-    rows = milvus_rows(tmp / "out.db", "t")
+    _, docs, job, report = milvus_run
+    rows = stored_rows(job)
     assert set(rows) == expected_pks(job, docs)
     assert {r["doc_id"] for r in rows.values()} == {d["id"] for d in docs}
     assert report["vectors_written"] == len(rows) == report["chunks"]
@@ -82,23 +80,23 @@ def test_report_counts_are_consistent(milvus_run) -> None:
 
 
 def test_second_run_embeds_nothing_and_changes_nothing(milvus_run) -> None:
-    tmp, docs, job, report = milvus_run
-    before = milvus_rows(tmp / "out.db", "t")
-    result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report", str(tmp / "r2.json")])
+    _, docs, job, _ = milvus_run
+    before = stored_rows(job)
+    result = run(job)
     assert result.exit_code == 5, result.output  # nothing to do
-    again = json.loads((tmp / "r2.json").read_text())
+    again = result.report
     assert again["tokens_embedded"] == 0 and again["outcome"] == "nothing_to_do"
     assert again["docs_unchanged"] == len(docs)
-    assert milvus_rows(tmp / "out.db", "t").keys() == before.keys()
+    assert stored_rows(job).keys() == before.keys()
 
 
 def test_parquet_sink_with_matryoshka_dimension(tmp_path: Path) -> None:
     docs = demo_docs(12)
     job = make_job(tmp_path, docs, model={"dimension": 128},
                    sink={"kind": "parquet", "path": "vectors", "rows_per_file": 20})
-    result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+    result = run(job, report=False)
     assert result.exit_code == 0, result.output
-    rows = parquet_rows(tmp_path / "vectors")
+    rows = stored_rows(job)
     assert set(rows) == expected_pks(job, docs)
     files = sorted((tmp_path / "vectors").glob("v*/*.parquet"))
     assert len(files) >= 2
@@ -112,16 +110,15 @@ def test_parquet_sink_with_matryoshka_dimension(tmp_path: Path) -> None:
 def test_limit_runs_a_trial_then_the_rest(tmp_path: Path) -> None:
     docs = demo_docs(10)
     job = make_job(tmp_path, docs)
-    runner = CliRunner()
-    r1 = runner.invoke(main, ["run", str(job), "--quiet", "--limit", "3", "--report", str(tmp_path / "a.json")])
+    r1 = run(job, "--limit", "3")
     assert r1.exit_code == 0, r1.output
-    first = json.loads((tmp_path / "a.json").read_text())
+    first = r1.report
     assert first["status"] == "partial" and first["docs"] == 3
-    r2 = runner.invoke(main, ["run", str(job), "--quiet", "--report", str(tmp_path / "b.json")])
+    r2 = run(job)
     assert r2.exit_code == 0, r2.output
-    second = json.loads((tmp_path / "b.json").read_text())
+    second = r2.report
     assert second["status"] == "completed" and second["docs"] == 10
-    assert set(milvus_rows(tmp_path / "out.db", "t")) == expected_pks(job, docs)
+    assert set(stored_rows(job)) == expected_pks(job, docs)
 
 
 def test_report_says_whether_the_sink_or_the_plan_held_the_embedder_up(
@@ -140,19 +137,18 @@ def test_report_says_whether_the_sink_or_the_plan_held_the_embedder_up(
             return original(self, *args)
         monkeypatch.setattr(cls, name, slow)
 
-    def run(directory: Path) -> dict:
+    def run_in(directory: Path) -> dict:
         job = make_job(directory, demo_docs(12), batching={"max_batch_size": 2, "sort_window": 4},
                        sink={"kind": "parquet", "path": "vectors"})
-        result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report",
-                                           str(directory / "r.json")])
+        result = run(job)
         assert result.exit_code == 0, result.output
-        return json.loads((directory / "r.json").read_text())
+        return result.report
 
     slowed(ParquetSink, "write", 0.4)  # well past an embedding call on a loaded machine
-    sink_bound = run(tmp_path / "slow-sink")
+    sink_bound = run_in(tmp_path / "slow-sink")
     monkeypatch.undo()
     slowed(Chunker, "chunk", 1.0)  # planning (12 s) outlasts the model load on a loaded machine
-    plan_bound = run(tmp_path / "slow-plan")
+    plan_bound = run_in(tmp_path / "slow-plan")
 
     assert sink_bound["batches"] >= 10
     assert sink_bound["waited_for_sink_s"] > 0.5 > sink_bound["waited_for_plan_s"]

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import demo_docs, make_job
-from store_readers import assert_same_store, milvus_rows, milvus_state_in_subprocess, parquet_rows
-
-from pipeline.cli import main
+from helpers.cli import run
+from helpers.jobs import demo_docs, make_job, state_dir
+from helpers.rows import assert_same_store, milvus_state_in_subprocess, stored_rows
 
 ALL = demo_docs(24)
 SYNC = {"chunking": {"max_tokens": 64, "overlap_tokens": 0},
@@ -36,32 +30,25 @@ def day2() -> list[dict]:
     return docs
 
 
-def run(job: Path, *args: str) -> tuple[int, dict]:
-    report = job.parent / "report.json"
-    result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--report", str(report), *args])
-    assert result.exit_code in (0, 5), result.output
-    return result.exit_code, json.loads(report.read_text())
-
-
-def rows(directory: Path, kind: str) -> dict[str, dict]:
-    return parquet_rows(directory / "v") if kind == "parquet" else milvus_rows(directory / "out.db", "t")
+SYNCED = (0, 5)  # a sync that embedded something, or had nothing to do
 
 
 @pytest.mark.parametrize("kind", ["milvus", "parquet"])
 def test_day2_sync_equals_a_fresh_build_and_embeds_only_changes(tmp_path: Path, kind: str) -> None:
     extra = PARQUET if kind == "parquet" else {}
     job = make_job(tmp_path / "nightly", day1(), **SYNC, **extra)
-    code, first = run(job)
-    assert code == 0 and first["docs_added"] == 20
+    first = run(job, expect=SYNCED)
+    assert first.exit_code == 0 and first.report["docs_added"] == 20
     job = make_job(tmp_path / "nightly", day2(), **SYNC, **extra)
-    code, second = run(job)
-    assert code == 0 and second["outcome"] == "synced"
+    done = run(job, expect=SYNCED)
+    second = done.report
+    assert done.exit_code == 0 and second["outcome"] == "synced"
     assert (second["docs_added"], second["docs_updated"], second["docs_deleted"],
             second["docs_unchanged"]) == (1, 2, 1, 17)
 
     fresh_job = make_job(tmp_path / "fresh", day2(), **SYNC, **extra)
-    run(fresh_job)
-    synced, fresh = rows(tmp_path / "nightly", kind), rows(tmp_path / "fresh", kind)
+    run(fresh_job, expect=SYNCED)
+    synced, fresh = stored_rows(job), stored_rows(fresh_job)
     assert_same_store(synced, fresh)
     changed = {ALL[3]["id"], ALL[7]["id"], ALL[21]["id"]}
     assert second["chunks_embedded"] == sum(1 for r in fresh.values() if r["doc_id"] in changed)
@@ -70,9 +57,10 @@ def test_day2_sync_equals_a_fresh_build_and_embeds_only_changes(tmp_path: Path, 
 
 def test_unchanged_corpus_embeds_nothing_and_exits_5(tmp_path: Path) -> None:
     job = make_job(tmp_path, day1(), **SYNC)
-    run(job)
-    code, report = run(job, "--prom", str(tmp_path / "sync.prom"))
-    assert code == 5 and report["outcome"] == "nothing_to_do"
+    run(job, expect=SYNCED)
+    done = run(job, "--prom", str(tmp_path / "sync.prom"), expect=SYNCED)
+    report = done.report
+    assert done.exit_code == 5 and report["outcome"] == "nothing_to_do"
     assert report["tokens_embedded"] == 0 and report["docs_unchanged"] == 20
     prom = (tmp_path / "sync.prom").read_text()
     assert 'embed_job_docs_unchanged{job="t"} 20' in prom
@@ -81,42 +69,32 @@ def test_unchanged_corpus_embeds_nothing_and_exits_5(tmp_path: Path) -> None:
 
 def test_full_mode_re_embeds_everything(tmp_path: Path) -> None:
     job = make_job(tmp_path, day1(), **SYNC)
-    _, first = run(job)
-    code, again = run(job, "--mode", "full")
-    assert code == 0 and again["chunks_embedded"] == first["chunks"]
-    assert len(milvus_rows(tmp_path / "out.db", "t")) == first["chunks"]
+    first = run(job, expect=SYNCED).report
+    again = run(job, "--mode", "full", expect=SYNCED)
+    assert again.exit_code == 0 and again.report["chunks_embedded"] == first["chunks"]
+    assert len(stored_rows(job)) == first["chunks"]
 
 
 def test_missing_documents_stay_unless_delete_missing(tmp_path: Path) -> None:
     keep = {"chunking": SYNC["chunking"], "sync": {"delete_missing": False}}
     job = make_job(tmp_path, day1(), **keep)
-    run(job)
+    run(job, expect=SYNCED)
     job = make_job(tmp_path, day1()[:10], **keep)
-    code, report = run(job)
-    assert code == 5 and report["docs_deleted"] == 0
-    assert {r["doc_id"] for r in milvus_rows(tmp_path / "out.db", "t").values()} == \
-        {d["id"] for d in day1()}
+    done = run(job, expect=SYNCED)
+    assert done.exit_code == 5 and done.report["docs_deleted"] == 0
+    assert {r["doc_id"] for r in stored_rows(job).values()} == {d["id"] for d in day1()}
 
 
 def test_dry_run_reports_and_writes_nothing(tmp_path: Path) -> None:
     job = make_job(tmp_path, day1(), **SYNC)
-    run(job)
-    before = milvus_rows(tmp_path / "out.db", "t")
+    run(job, expect=SYNCED)
+    before = stored_rows(job)
     job = make_job(tmp_path, day2(), **SYNC)
-    result = CliRunner().invoke(main, ["run", str(job), "--dry-run"])
+    result = run(job, "--dry-run", quiet=False, report=False)
     assert result.exit_code == 0, result.output
     assert "would add 1, update 2, skip 17 unchanged; 1 deleted" in result.output
-    assert milvus_rows(tmp_path / "out.db", "t").keys() == before.keys()
-    assert not (tmp_path / ".embed-job" / "t" / "run").exists()
-
-
-def cli(job: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EMBED_JOB_FAULT"}
-    if fault:
-        env["EMBED_JOB_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet",
-                           "--report", str(job.parent / "report.json"), *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+    assert stored_rows(job).keys() == before.keys()
+    assert not state_dir(job).run_dir.exists()
 
 
 def test_model_change_builds_a_new_collection_and_moves_the_alias_after_it(tmp_path: Path
@@ -124,39 +102,41 @@ def test_model_change_builds_a_new_collection_and_moves_the_alias_after_it(tmp_p
     """Every run here is a child process, so the test can watch the alias between them."""
     db = tmp_path / "out.db"
     job = make_job(tmp_path, day1(), **SYNC)
-    assert cli(job).returncode == 0
-    first = json.loads((tmp_path / "report.json").read_text())
+    done = run(job, process=True)
+    assert done.exit_code == 0
+    first = done.report
     old_rows, target, _ = milvus_state_in_subprocess(db, "t")
     assert target == first["target"]
     changed = make_job(tmp_path, day1(), chunking={"max_tokens": 48, "overlap_tokens": 0},
                        sync={"delete_missing": True, "keep_previous": 1})
     # the rebuild is killed midway: readers still get the old collection through the alias
-    killed = cli(changed, fault="after_ack@3:kill")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed = run(changed, process=True, fault="after_ack@3:kill")
+    assert killed.exit_code == -signal.SIGKILL, killed.stderr
     rows_mid, target_mid, collections_mid = milvus_state_in_subprocess(db, "t")
     assert target_mid == first["target"] and rows_mid.keys() == old_rows.keys()
     assert len(collections_mid) == 2  # the half-built one exists, unpublished
-    assert cli(changed).returncode == 0
-    second = json.loads((tmp_path / "report.json").read_text())
+    done = run(changed, process=True)
+    assert done.exit_code == 0
+    second = done.report
     new_rows, target_now, collections = milvus_state_in_subprocess(db, "t")
     assert target_now == second["target"] != first["target"]
     assert not new_rows.keys() & old_rows.keys()
     assert collections == sorted([first["target"], second["target"]])  # keep_previous: 1
     fresh = make_job(tmp_path / "fresh", day1(), chunking={"max_tokens": 48, "overlap_tokens": 0})
-    run(fresh)
-    assert_same_store(new_rows, milvus_rows(tmp_path / "fresh" / "out.db", "t"))
+    run(fresh, expect=SYNCED)
+    assert_same_store(new_rows, stored_rows(fresh))
 
 
 @pytest.mark.parametrize("fault", ["after_embed@2", "after_ack@2"])
 def test_kill_during_incremental_sync_then_rerun_equals_fresh_build(tmp_path: Path, fault: str
                                                                     ) -> None:
     job = make_job(tmp_path / "nightly", day1(), **SYNC)
-    assert cli(job).returncode == 0
+    assert run(job, process=True).exit_code == 0
     job = make_job(tmp_path / "nightly", day2(), **SYNC)
-    killed = cli(job, fault=f"{fault}:kill")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert cli(job).returncode == 0
+    killed = run(job, process=True, fault=f"{fault}:kill")
+    assert killed.exit_code == -signal.SIGKILL, killed.stderr
+    assert run(job, process=True).exit_code == 0
     fresh = make_job(tmp_path / "fresh", day2(), **SYNC)
-    run(fresh)
+    run(fresh, expect=SYNCED)
     synced, _, _ = milvus_state_in_subprocess(tmp_path / "nightly" / "out.db", "t")
-    assert_same_store(synced, rows(tmp_path / "fresh", "milvus"))
+    assert_same_store(synced, stored_rows(fresh))

@@ -62,8 +62,9 @@ def build_decoder(out: Path, model_type: str) -> Path:
     return out
 
 
-def embedder(path: Path, **kw: object) -> TransformersEmbedder:
-    return TransformersEmbedder(read_model_info(path), 0, dtype="float32", device="cpu", **kw)
+def embedder(path: Path, pooling: str = "last", **kw: object) -> TransformersEmbedder:
+    return TransformersEmbedder(read_model_info(path), 0, pooling, dtype="float32", device="cpu",
+                                **kw)
 
 
 # ---- packing

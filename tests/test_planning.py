@@ -8,7 +8,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.embedders.resilient import SafeBudget, split_to_fit
 from pipeline.plan.batching import PlanRow, WindowBuilder, pack_batches
 from pipeline.plan.store import PlanStore
 from pipeline.records import make_batch_id, window_of
@@ -75,25 +74,11 @@ def test_token_ids_round_trip_exactly(tmp_path: Path) -> None:
     assert batch.token_ids == [[1], [5, 6, 7]]
 
 
-def test_split_to_fit_and_safe_budget() -> None:
-    seqs = [[0] * n for n in (10, 10, 20, 20, 40, 40, 80, 80)]
-    parts = split_to_fit(seqs, 100)
-    assert parts[0][0] == 0 and parts[-1][1] == len(seqs)
-    assert all(len(seqs[s:e]) * max(len(x) for x in seqs[s:e]) <= 100 or e - s == 1
-               for s, e in parts)
-    budget = SafeBudget(None, ceiling=1000)
-    budget.failed(800)
-    assert budget.limit == 400
-    for _ in range(31):
-        assert not budget.succeeded()
-    assert budget.succeeded() and budget.limit == 500  # grows back by a quarter
-
-
 def test_windows_are_bounded_by_tokens_whatever_the_chunk_count(tmp_path: Path,
                                                                  minilm_dir: Path) -> None:
     """Host memory follows the window, so a window is cut by tokens as well as by chunks: long
     chunks cannot make a window of sort_window chunks arbitrarily large."""
-    from conftest import demo_docs
+    from helpers.jobs import demo_docs
 
     from pipeline.chunking import Chunker, ModelTokenizer
     from pipeline.job.sections import BatchingConfig, ChunkingConfig

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers.cli import run
+from helpers.jobs import REPO
+
+from pipeline.job.load import load_job
 
 SNIPPET = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
@@ -29,10 +32,13 @@ def python(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory whose ``jobs/`` is a copy of the repo's, with the demo job run in it."""
     root = tmp_path_factory.mktemp("readme")
+    demo = load_job(REPO / "jobs" / "demo.yaml")
+    made_by_runs = {demo.state.root.parent, demo.resolve(demo.sink.uri).parent}
     shutil.copytree(REPO / "jobs", root / "jobs",
-                    ignore=shutil.ignore_patterns("out", ".embed-job"))
-    run = python(root, "-m", "pipeline.cli", "run", "jobs/demo.yaml", "--quiet")
-    assert run.returncode == 0, run.stderr
+                    ignore=lambda d, names: [n for n in names if Path(d, n) in made_by_runs])
+    done = run(root / "jobs" / "demo.yaml", report=False, process=True,
+               env={"PYTHONPATH": str(REPO)})
+    assert done.exit_code == 0, done.stderr
     return root
 
 

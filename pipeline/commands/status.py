@@ -7,7 +7,7 @@ from typing import Any
 
 from pipeline.job.config import Job
 from pipeline.plan.store import PlanStore
-from pipeline.state.checkpoint import read_state
+from pipeline.state.checkpoint import Checkpoint
 from pipeline.state.dead_letters import DeadLetterFile
 from pipeline.state.layout import plan_dir
 from pipeline.state.sync_state import SyncState
@@ -48,21 +48,22 @@ def _published(path: Path) -> dict[str, Any]:
 
 
 def _run(run_dir: Path) -> dict[str, Any]:
-    state = read_state(run_dir)
+    ledger = Checkpoint.peek(run_dir)
     store = PlanStore(plan_dir(run_dir))
     stats = store.all_stats()
-    if state is None and not stats:
+    if ledger is None and not stats:
         return {}
-    done_windows = set(state["done_windows"]) if state else set()
-    partial = state["done_batches"] if state else {}
     batches = sum(s.batches for s in stats)
-    done = sum(s.batches for s in stats if s.window in done_windows) + sum(
-        len(v) for v in partial.values())
+    done = 0
+    if ledger is not None:
+        done = sum(s.batches for s in stats if ledger.window_done(s.window)) + sum(
+            len(v) for v in ledger.done_batches.values())
     percent = round(100 * done / batches, 1) if batches else 0.0
+    plan = ledger.run if ledger is not None else None
     return {
-        "run_target": (state or {}).get("run", {}).get("target"),
-        "run_mode": (state or {}).get("run", {}).get("mode"),
-        "fingerprint": state["fingerprint"] if state else None,
+        "run_target": plan.target if plan else None,
+        "run_mode": plan.mode if plan else None,
+        "fingerprint": ledger.fingerprint if ledger else None,
         "plan_complete": store.complete,
         "documents": sum(s.docs for s in stats),
         "chunks": sum(s.chunks for s in stats),
@@ -71,6 +72,6 @@ def _run(run_dir: Path) -> dict[str, Any]:
         "batches": batches,
         # unknown while the plan is incomplete: its batches are only a part of the run
         "percent_done": percent if store.complete else None,
-        "vectors_written": state["vectors_written"] if state else 0,
-        "safe_token_budget": state.get("safe_token_budget") if state else None,
+        "vectors_written": ledger.vectors_written if ledger else 0,
+        "safe_token_budget": ledger.safe_token_budget if ledger else None,
     }

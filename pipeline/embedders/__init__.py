@@ -11,7 +11,6 @@ __all__ = ["DType", "Embedder", "make_embedder", "model_name"]
 
 
 def make_embedder(model: ModelSettings, info: ModelInfo, pad_id: int) -> Embedder:
-    """The job's embedder; ``pad_id`` fills batches (transformers pads, SGLang does not)."""
-    embedder = model.make(info, pad_id)
-    embedder.revision = model.revision
-    return embedder
+    """The job's embedder, built by its backend's settings; ``pad_id`` fills batches
+    (transformers pads, SGLang does not)."""
+    return model.make(info, pad_id)

@@ -18,12 +18,26 @@ class Embedder(ABC):
 
     Backends never tokenize: the chunker's token ids are exactly what is embedded, so the
     tokens counted for batching are the tokens computed on.
+
+    A backend implements ``embed_batch`` and says what it is (``name``, ``max_context``,
+    ``native_dim``): a property, or a class attribute when it is a constant; one left out
+    keeps the class from being instantiated.
     """
 
-    name: str
-    revision: str | None = None
-    max_context: int
-    native_dim: int
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The model's name, for messages."""
+
+    @property
+    @abstractmethod
+    def max_context(self) -> int:
+        """The longest sequence, special tokens included, that ``embed_batch`` takes."""
+
+    @property
+    @abstractmethod
+    def native_dim(self) -> int:
+        """The width of the vectors ``embed_batch`` returns, before any Matryoshka cut."""
 
     @abstractmethod
     def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
@@ -34,6 +48,10 @@ class Embedder(ABC):
         """Embed batches in order; backends that can keep several in flight override this."""
         for key, batch in batches:
             yield key, self.embed_batch(batch)
+
+    def release_memory(self) -> None:
+        """After an out-of-memory error, before a smaller retry: give cached device memory
+        back. Nothing to do for a backend without such a cache."""
 
     def close(self) -> None:
         """Release the device / engine. Safe to call twice."""

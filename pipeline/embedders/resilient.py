@@ -1,4 +1,4 @@
-"""Embedding planned batches with out-of-memory back-off.
+"""Embedding batches with out-of-memory back-off.
 
 A batch that runs out of memory is split in halves, recursively; a single chunk that still
 fails is a dead letter. The padded size that last worked becomes the *safe budget*: later
@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
 from pipeline.embedders.base import Embedder
-from pipeline.plan.batching import PlannedBatch
 from pipeline.records import padded_tokens
 
 GROW_AFTER = 32  # clean batches before the safe budget grows back
@@ -66,8 +66,18 @@ def split_to_fit(seqs: list[list[int]], limit: int | None) -> list[tuple[int, in
     return left + [(s + half, e + half) for s, e in right]
 
 
-class ResilientEmbedding:
-    """Drives ``embed_stream`` over planned batches; survives OOM and a crashed engine.
+class Batch(Protocol):
+    """What is embedded: the sequences of one batch, length-sorted (a plan's batch is one)."""
+
+    @property
+    def token_ids(self) -> list[list[int]]: ...
+
+
+B = TypeVar("B", bound=Batch)
+
+
+class ResilientEmbedding(Generic[B]):
+    """Drives ``embed_stream`` over batches; survives OOM and a crashed engine.
 
     ``on_unfit(batch, row)`` is told about a chunk that does not fit even alone; its vector
     row comes back as NaN so the caller can dead-letter it and keep the rest of the batch.
@@ -77,7 +87,7 @@ class ResilientEmbedding:
     """
 
     def __init__(self, make_embedder: Callable[[], Embedder], budget: SafeBudget,
-                 on_unfit: Callable[[PlannedBatch, int, BaseException], None] = lambda *a: None,
+                 on_unfit: Callable[[B, int, BaseException], None] = lambda *a: None,
                  on_budget_change: Callable[[int | None], None] = lambda limit: None,
                  max_restarts: int = 2) -> None:
         self._make = make_embedder
@@ -103,22 +113,22 @@ class ResilientEmbedding:
         self.embedder = self._make()
         return True
 
-    def run(self, batches: Iterable[PlannedBatch]) -> Iterator[tuple[PlannedBatch, np.ndarray]]:
-        """Results in plan order. Batches above the safe budget, and a batch that ran out of
-        memory, leave the stream and go the careful way (split to fit), in their turn."""
-        source = iter(batches)
-        replay: deque[PlannedBatch] = deque()
+    def run(self, batches: Iterable[B]) -> Iterator[tuple[B, np.ndarray]]:
+        """Results in the batches' order. Batches above the safe budget, and a batch that ran
+        out of memory, leave the stream and go the careful way (split to fit), in their turn."""
+        source = ((b, b.token_ids) for b in batches)  # each batch's ids are read once
+        replay: deque[tuple[B, list[list[int]]]] = deque()
         while True:
-            pending: deque[PlannedBatch] = deque()  # sent to the engine, result not yet seen
-            oversize: list[PlannedBatch] = []
+            pending: deque[tuple[B, list[list[int]]]] = deque()  # with the engine, no result yet
+            oversize: list[tuple[B, list[list[int]]]] = []
 
-            def feed() -> Iterator[tuple[PlannedBatch, list[list[int]]]]:
-                while (b := replay.popleft() if replay else next(source, None)) is not None:
-                    if self.budget.limit is not None and b.padded_tokens > self.budget.limit:
-                        oversize.append(b)  # ends this stream once what is in flight is back
+            def feed() -> Iterator[tuple[B, list[list[int]]]]:
+                while (item := replay.popleft() if replay else next(source, None)) is not None:
+                    if self.budget.limit is not None and padded_tokens(item[1]) > self.budget.limit:
+                        oversize.append(item)  # ends this stream once what is in flight is back
                         return
-                    pending.append(b)
-                    yield b, b.token_ids
+                    pending.append(item)
+                    yield item
 
             try:
                 for batch, vectors in self.embedder.embed_stream(feed()):
@@ -134,19 +144,18 @@ class ResilientEmbedding:
                         raise
                     replay.extend([*pending, *oversize])
                     continue
-                failed = pending.popleft()
-                self.budget.failed(failed.padded_tokens)
+                failed, seqs = pending.popleft()
+                self.budget.failed(padded_tokens(seqs))
                 self.on_budget_change(self.budget.limit)
-                self._release()
-                yield failed, self._embed_carefully(failed)
+                self.embedder.release_memory()
+                yield failed, self._embed_carefully(failed, seqs)
                 replay.extend([*pending, *oversize])
                 continue
             if not oversize:
                 return
-            yield oversize[0], self._embed_carefully(oversize[0])
+            yield oversize[0][0], self._embed_carefully(*oversize[0])
 
-    def _embed_carefully(self, batch: PlannedBatch) -> np.ndarray:
-        seqs = batch.token_ids
+    def _embed_carefully(self, batch: B, seqs: list[list[int]]) -> np.ndarray:
         out = np.full((len(seqs), self.embedder.native_dim), np.nan, dtype=np.float32)
         work = deque(split_to_fit(seqs, self.budget.limit))
         alone_failures: dict[int, int] = {}
@@ -157,7 +166,7 @@ class ResilientEmbedding:
             except BaseException as err:
                 if not is_oom(err):
                     raise
-                self._release()
+                self.embedder.release_memory()
                 if e - s == 1:
                     # alone, after freeing memory, ALONE_ATTEMPTS times: it does not fit
                     alone_failures[s] = alone_failures.get(s, 0) + 1
@@ -171,8 +180,3 @@ class ResilientEmbedding:
                 mid = (s + e) // 2
                 work.extendleft([(mid, e), (s, mid)])
         return out
-
-    def _release(self) -> None:
-        release = getattr(self.embedder, "release_memory", None)
-        if release is not None:
-            release()

@@ -63,7 +63,6 @@ class ModelInfo:
     hidden_size: int
     max_context: int
     pooling: Pooling
-    matryoshka: bool
 
 
 @lru_cache(maxsize=8)
@@ -79,7 +78,6 @@ def read_model_info(path: Path) -> ModelInfo:
         hidden_size=hidden,
         max_context=int(cfg.get("max_position_embeddings") or 512),
         pooling=_detect_pooling(path, model_type),
-        matryoshka=bool(cfg.get("is_matryoshka", False)),
     )
 
 

@@ -22,6 +22,7 @@ from pipeline.job.sections import ModelSettings, SinkSettings
 SINKS = {
     "milvus": "pipeline.sinks.milvus:MilvusSinkConfig",
     "parquet": "pipeline.sinks.parquet:ParquetSinkConfig",
+    "memory": "pipeline.sinks.memory:MemorySinkConfig",
 }
 BACKENDS = {
     "transformers": "pipeline.embedders.transformers_backend:TransformersBackend",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,7 +19,7 @@ from pipeline.job.model_info import ModelInfo, Pooling
 
 if TYPE_CHECKING:
     from pipeline.embedders.base import Embedder
-    from pipeline.sinks.base import GenerationMark, Sink
+    from pipeline.sinks.base import Destination, GenerationMark
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -133,7 +134,11 @@ class ModelSettings(Strict):
         return info.max_context
 
     def device_problem(self) -> str | None:
-        """An unknown device, or a GPU the machine does not have, said before a model loads."""
+        """An unknown device, or a GPU the machine does not have, said before a model loads.
+
+        The one statement of the devices a backend takes (a backend that takes fewer says so
+        in its override); its embedder only translates them.
+        """
         if not _DEVICE.match(self.device):
             return f"model.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N"
         if self.device.startswith("cuda"):
@@ -155,7 +160,12 @@ class ModelSettings(Strict):
 
 class SinkSettings(Strict):
     """Where vectors go: what every sink shares. A sink adds its own settings in a subclass
-    named by ``kind``."""
+    named by ``kind``, and answers for its kind through these methods, so nothing outside
+    it (the run, ``validate``) asks which kind it is."""
+
+    # the job file's keys that name where the destination is, and what readers use
+    where_key: ClassVar[str] = "sink"
+    name_key: ClassVar[str] = "sink.collection"
 
     kind: str
     collection: str | None = Field(
@@ -190,9 +200,45 @@ class SinkSettings(Strict):
         """Every secret these settings hold, for redaction. Never raises."""
         return []
 
+    # -- what ``validate`` asks before a run would start ------------------------------------
+
+    @property
+    def remote(self) -> bool:
+        """Whether the destination is behind the network (``validate --offline`` skips it)."""
+        return False
+
+    def local_path(self, resolve: Callable[[str], Path]) -> Path | None:
+        """Where on this machine the destination lives (None: remote, or in no file)."""
+        return None
+
+    def location(self, resolve: Callable[[str], Path]) -> str:
+        """Where the destination is, in words (never a secret)."""
+        path = self.local_path(resolve)
+        return self.kind if path is None else str(path)
+
+    def published_as(self, alias: str) -> str:
+        """What readers look the live generation up by, in words."""
+        return f"the published name {alias!r}"
+
+    def destination_problems(self, resolve: Callable[[str], Path], alias: str) -> list[str]:
+        """What is wrong with the destination's names and paths before anything connects
+        (one line each, without the job file's name)."""
+        return []
+
+    def warnings(self, job_file: str, from_env: AbstractSet[str], alias: str) -> list[str]:
+        """What works but should not stay as it is, one line each without the job file's
+        name; ``from_env``: the dotted keys whose value came from the environment."""
+        return []
+
+    def probe(self, resolve: Callable[[str], Path], alias: str) -> Destination:
+        """The destination as ``validate`` opens it: only read, never created."""
+        return self.make(resolve, alias, alias)
+
+    # -- the sink ---------------------------------------------------------------------------
+
     def make(self, resolve: Callable[[str], Path], alias: str, target: str,
              base: str | None = None, file_metadata: Mapping[str, str] | None = None,
-             mark: GenerationMark | None = None) -> Sink:
+             mark: GenerationMark | None = None) -> Destination:
         """The sink writing generation ``target``, published as ``alias``.
 
         ``base`` is the published generation an incremental run builds on (None: a fresh

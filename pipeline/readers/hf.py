@@ -17,9 +17,9 @@ import pyarrow as pa
 from datasets.exceptions import DatasetsError
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.job.sections import SourceConfig
-from pipeline.readers.rows import expand_paths, one_line, projection, row_to_document
+from pipeline.readers.rows import expand_paths, projection, row_to_document
 from pipeline.records import DeadLetter, Document
 
 AnyDataset: TypeAlias = "datasets.Dataset | datasets.IterableDataset"

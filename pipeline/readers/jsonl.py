@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.job.sections import SourceConfig
-from pipeline.readers.rows import BadRow, one_line, reject, row_to_document
+from pipeline.readers.rows import BadRow, reject, row_to_document
 from pipeline.records import DeadLetter, Document
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.job.sections import SourceConfig
-from pipeline.readers.rows import one_line, projection, row_to_document
+from pipeline.readers.rows import projection, row_to_document
 from pipeline.records import DeadLetter, Document
 
 BATCH_ROWS = 1024

@@ -28,7 +28,6 @@ from pipeline.records import DeadLetter, Document, content_hash
 
 _MISSING = object()
 _GLOB_CHARS = re.compile(r"[*?[]")
-_MAX_MESSAGE = 300
 # File name endings a directory given as a path is searched for, to suggest a glob.
 _SUFFIXES = (".jsonl", ".parquet", ".json", ".jsonl.gz", ".json.gz")
 _NOT_REGULAR = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
@@ -235,12 +234,6 @@ def _entry_dir_identity(entry: os.DirEntry[str]) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one short line, as every JobError message must be."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
 
 
 def projection(source: SourceConfig, columns: Iterable[str], where: str) -> list[str]:

@@ -10,16 +10,14 @@ the published generation is rebuilt on ``--mode full``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.errors import JobError, SinkError
 from pipeline.job.config import Job
+from pipeline.run.context import JobContext
 from pipeline.run.report import RunReport
-from pipeline.sinks.base import GenerationMark, Sink
+from pipeline.sinks.base import GenerationMark, Generations
 from pipeline.state.sync_state import Published, SyncState
-
-if TYPE_CHECKING:
-    from pipeline.run.runner import JobContext
 
 
 def job_identity(job: Job) -> dict[str, Any]:
@@ -53,7 +51,7 @@ def check_identity(job: Job, sync: SyncState, restart: bool) -> None:
     sync.set_identity(mine)
 
 
-def check_destination(ctx: JobContext, sync: SyncState, probe: Sink, mode: str | None,
+def check_destination(ctx: JobContext, sync: SyncState, probe: Generations, mode: str | None,
                       report: RunReport) -> bool:
     """Check the published name and the live generation against this job's state, adopting
     or resetting the state where the destination says so. True when an unfinished run must
@@ -92,7 +90,7 @@ def check_destination(ctx: JobContext, sync: SyncState, probe: Sink, mode: str |
     return False
 
 
-def check_target(sync: SyncState, probe: Sink, target: str, where: str,
+def check_target(sync: SyncState, probe: Generations, target: str, where: str,
                  report: RunReport) -> None:
     """The generation this run writes must be this job's or not exist yet; and say once what
     else the destination holds (it is never touched)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pipeline.job.config import Job
 from pipeline.readers import read_documents
 from pipeline.records import SKIPPED_UNCHANGED, DeadLetter
-from pipeline.run.runner import JobContext
+from pipeline.run.context import JobContext
 from pipeline.state.sync_state import SyncState
 
 

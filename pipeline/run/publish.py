@@ -10,32 +10,30 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from pipeline.errors import SinkError
 from pipeline.faults import fault_point
 from pipeline.plan.store import PlanStore
 from pipeline.records import DUPLICATE
+from pipeline.run.context import JobContext
 from pipeline.run.report import RunReport
-from pipeline.sinks.base import Sink
+from pipeline.sinks.base import Generations
 from pipeline.state.checkpoint import Checkpoint
 from pipeline.state.dead_letters import DeadLetterFile
 from pipeline.state.sync_state import Published, SyncCounts, SyncState
 
-if TYPE_CHECKING:
-    from pipeline.run.runner import JobContext
 
-
-def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: Sink,
+def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: Generations,
                 report: RunReport, dead: DeadLetterFile, accept_missing_files: bool = False
                 ) -> None:
     job, run = ctx.job, checkpoint.run
+    assert run is not None  # decided when the run started
     store = ctx.plan_store
-    done = sync.committed(run["generation"])
+    done = sync.committed(run.generation)
     if done is not None:  # killed after the commit, before the run was forgotten
         _finish(ctx, report, done, sink.count())
         return
-    replace_all = run["base"] is None
+    replace_all = run.base is None
     deleting = job.sync.delete_missing and _deletes_allowed(
         store, sync, report, accept_missing_files)
     sync.load_seen(_seen(store, dead))
@@ -53,7 +51,7 @@ def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: 
                         f"saw before)")
     published = sync.published()
     history = [] if published is None else (
-        published.previous if published.target == run["target"]
+        published.previous if published.target == run.target
         else [published.target, *published.previous])
     keep = history[:job.sync.keep_previous]
     sink.publish()
@@ -64,7 +62,7 @@ def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: 
     for name in history[job.sync.keep_previous:]:
         if owned.get(name) == "built":  # adopted generations are never dropped
             sink.drop(name)
-    sync.commit(Published(ctx.fingerprint, run["target"], run["generation"], keep),
+    sync.commit(Published(ctx.fingerprint, run.target, run.generation, keep),
                 replace_all, deleting, files, counts)
     fault_point("after_commit")
     if counts.unreadable:

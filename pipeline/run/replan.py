@@ -14,20 +14,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.errors import JobError
+from pipeline.errors import JobError, with_retries
 from pipeline.plan.build import RejectedRows, verify_prefix
 from pipeline.plan.store import PlanStore
 from pipeline.records import Document
 from pipeline.run.report import RunReport
-from pipeline.run.writer import with_retries
-from pipeline.sinks.base import Sink
-from pipeline.state.checkpoint import Checkpoint, read_state
+from pipeline.sinks.base import Generations
+from pipeline.state.checkpoint import Checkpoint
 from pipeline.state.dead_letters import DeadLetterFile
 from pipeline.state.layout import plan_dir
 from pipeline.state.sync_state import SyncState
 
 
-def resync_plan(store: PlanStore, checkpoint: Checkpoint, sink: Sink, sync: SyncState,
+def resync_plan(store: PlanStore, checkpoint: Checkpoint, sink: Generations, sync: SyncState,
                 read: Callable[[], Iterator[Document]], rejected: RejectedRows,
                 dead: DeadLetterFile, in_place: bool, retries: tuple[int, float],
                 report: RunReport, settings_changed: str | None = None
@@ -55,7 +54,7 @@ def resync_plan(store: PlanStore, checkpoint: Checkpoint, sink: Sink, sync: Sync
     return docs
 
 
-def _take_back(store: PlanStore, checkpoint: Checkpoint, sink: Sink, sync: SyncState,
+def _take_back(store: PlanStore, checkpoint: Checkpoint, sink: Generations, sync: SyncState,
                from_window: int, in_place: bool, retries: tuple[int, float]) -> None:
     ids = sorted({d for w in store.windows() if w >= from_window for d in _written(store, w)})
     lost = with_retries(lambda: sink.forget(from_window, ids), *retries)
@@ -85,11 +84,11 @@ def forget_unfinished(run_dir: Path, sync: SyncState) -> None:
     """Before an unfinished in-place run is discarded (``--restart``), remember the documents
     its plan may have written into the live generation, so the next publish takes them back."""
     try:
-        state = read_state(run_dir)
+        ledger = Checkpoint.peek(run_dir)
+        plan = ledger.run if ledger is not None else None
     except JobError:
-        state = None  # a corrupt ledger: assume the worst, as if it was in place
-    run = (state or {}).get("run") or {}
-    if state is not None and run.get("base") != run.get("target"):
+        plan = None  # a corrupt ledger: assume the worst, as if it was in place
+    if plan is not None and not plan.in_place:
         return  # it wrote into a generation of its own, which the next build discards
     sync.forget_docs(d for f in sorted(plan_dir(run_dir).glob("docs-*.parquet"))
                      for d, n in _doc_counts(f) if n > 0)

@@ -7,17 +7,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.atomic import atomic_write_bytes
 from pipeline.secrets import redact
+
+Status = Literal["running", "completed", "partial", "interrupted", "failed"]  # partial: --limit
 
 
 @dataclass
 class RunReport:
     job: str
-    status: str = "running"  # completed | partial (--limit) | interrupted | failed
-    outcome: str = ""  # synced | nothing_to_do (once completed)
+    status: Status = "running"
+    outcome: Literal["", "synced", "nothing_to_do"] = ""  # once completed
     mode: str = ""
     fingerprint: str = ""
     target: str = ""
@@ -54,7 +56,7 @@ class RunReport:
     waited_for_sink_s: float = 0.0
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures
     # what hide() was given: never written (to_dict drops it)
     _secrets: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 

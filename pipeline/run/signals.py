@@ -7,14 +7,27 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pipeline.errors import Interrupted
+
+
+class StopRequest(threading.Event):
+    """Set when a stop was asked for, with the signal that asked."""
+
+    signum: int = signal.SIGINT
+
+    def check(self) -> None:
+        """Stop here (raise Interrupted) when a stop was asked for."""
+        if self.is_set():
+            raise Interrupted(self.signum)
+
 
 @contextmanager
-def graceful_stop() -> Iterator[threading.Event]:
+def graceful_stop() -> Iterator[StopRequest]:
     """An event set by the first SIGINT/SIGTERM; the second raises KeyboardInterrupt at once.
 
     Outside the main thread (e.g. an embedding library's worker) signals are left alone.
     """
-    stop = threading.Event()
+    stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -23,7 +36,7 @@ def graceful_stop() -> Iterator[threading.Event]:
     def handler(signum: int, _frame: object) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        stop.signum = signum  # type: ignore[attr-defined]
+        stop.signum = signum
         stop.set()
 
     for s in previous:

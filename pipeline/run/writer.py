@@ -7,17 +7,15 @@ recorded only after the sink acknowledged it (invariant 3) and sink I/O overlaps
 from __future__ import annotations
 
 import queue
-import random
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from pipeline.errors import TransientError
+from pipeline.errors import with_retries
 from pipeline.faults import fault_point
 from pipeline.records import window_of
+from pipeline.run.stage import StageThread
 from pipeline.sinks.base import Sink, VectorBatch
 from pipeline.state.checkpoint import Checkpoint
 
@@ -30,50 +28,33 @@ class WindowEnd:
 
 
 _STOP = object()
-T = TypeVar("T")
 
 
-def with_retries(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.5) -> T:
-    """Retry transient sink failures with exponential backoff and full jitter."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except TransientError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(random.uniform(0, base_delay * 2 ** attempt))
-    raise AssertionError("unreachable")
+class Writer(StageThread):
+    """Consumes VectorBatches and WindowEnds from a bounded queue. ``waited_s``: producer
+    time spent blocked on a full queue (the sink is behind)."""
 
-
-class Writer:
-    """Consumes VectorBatches and WindowEnds from a bounded queue."""
+    name = "embed-job-writer"
 
     def __init__(self, sink: Sink, checkpoint: Checkpoint, on_ack: Callable[[int], None],
                  depth: int = 4, attempts: int = 5, base_delay: float = 0.5) -> None:
+        super().__init__()
         self.sink = sink
         self.attempts, self.base_delay = attempts, base_delay
         self.checkpoint = checkpoint
         self.on_ack = on_ack
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.waited_s = 0.0  # producer time spent blocked on a full queue (the sink is behind)
         # batch id -> rows, until the sink acknowledges it (the sink holds the data meanwhile)
         self._inflight: dict[str, int] = {}
         self._pending: dict[int, int] = defaultdict(int)
         self._ended: set[int] = set()
-        self._thread = threading.Thread(target=self._loop, name="embed-job-writer", daemon=True)
-
-    def start(self) -> Writer:
-        self._thread.start()
-        return self
 
     def put(self, item: VectorBatch | WindowEnd) -> None:
         """Hand over an item; raises the writer's error instead of blocking on a dead writer."""
         t = time.monotonic()
         try:
             while True:
-                if self.error is not None:
-                    raise self.error
+                self.raise_failure()
                 try:
                     self.queue.put(item, timeout=0.2)
                     return
@@ -85,29 +66,26 @@ class Writer:
     def finish(self) -> None:
         """Drain the queue, make the sink durable, record the last acknowledgements."""
         self.put(_STOP)  # type: ignore[arg-type]
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
+        self.join()
 
-    def _loop(self) -> None:
-        try:
-            while (item := self.queue.get()) is not _STOP:
-                if isinstance(item, WindowEnd):
-                    self._ended.add(item.window)
-                    self._close_finished()
-                else:
-                    self._inflight[item.batch_id] = len(item)
-                    self._pending[window_of(item.batch_id)] += 1
-                    self._acked(self._retrying(lambda: self._write(item)))
-            self._acked(self._retrying(self.sink.on_write_complete))
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            self.error = e
-            self.sink.on_write_failed(e)
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
+    def work(self) -> None:
+        while (item := self.queue.get()) is not _STOP:
+            if isinstance(item, WindowEnd):
+                self._ended.add(item.window)
+                self._close_finished()
+            else:
+                self._inflight[item.batch_id] = len(item)
+                self._pending[window_of(item.batch_id)] += 1
+                self._acked(self._retrying(lambda: self._write(item)))
+        self._acked(self._retrying(self.sink.on_write_complete))
+
+    def after_failure(self, error: BaseException) -> None:
+        self.sink.on_write_failed(error)
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
 
     def _retrying(self, fn: Callable[[], list[str]]) -> list[str]:
         return with_retries(fn, self.attempts, self.base_delay)

@@ -1,8 +1,28 @@
-"""The sink lifecycle: start, write batches, complete or fail.
+"""What a run asks of a destination: a write protocol, and generations.
 
-``write`` returns the ids of the batches that are now durable in the destination. Only
-those ids enter the ledger, so a batch the sink has not acknowledged is re-done on resume;
-sinks make that harmless (upsert by primary key, or overwrite a deterministically named file).
+``Sink`` is the write protocol, a lifecycle with no-op defaults where one makes sense (a
+minimal sink writes one method): ``write`` returns the ids of the batches that are now
+durable in the destination. Only those ids enter the ledger, so a batch the sink has not
+acknowledged is re-done on resume; sinks make that harmless (upsert by primary key, or
+overwrite a deterministically named file).
+
+``Generations`` is what readers see: a run writes one generation (a target) and makes it
+live only on ``publish``. A sink kind's settings make a ``Destination``, both at once.
+
+The calls a run makes, in order:
+
+1. on a probe made for the published name (``target`` = the alias, no base): ``clash``,
+   ``live``, ``mark_of`` / ``rows_of`` (the live generation), ``exists`` and ``mark_of``
+   (the published one, the run's target), ``neighbours``; then ``close``;
+2. on the run's sink (its target, its base): ``discard_target`` (a fresh build on a target
+   of its own), ``on_write_start(dimension)``, ``forget`` (when part of the plan is made
+   again), ``write`` for each batch not yet acknowledged, ``on_write_complete``, or
+   ``on_write_failed`` after an error;
+3. on a complete plan: ``retire`` (a run building on a base), ``count_by_bucket`` (checked
+   against the sync state), ``publish``, ``drop`` (generations beyond ``keep_previous``),
+   or only ``count`` when the run was committed before it was killed; ``close`` at last.
+
+Every call may be made again after a kill, and must then do the same.
 """
 
 from __future__ import annotations
@@ -59,9 +79,8 @@ class GenerationMark:
 
 
 class Sink(ABC):
-    """A destination for vectors."""
+    """The write protocol: where a run's vectors go, acknowledged batch by batch."""
 
-    @abstractmethod
     def on_write_start(self, dimension: int) -> None:
         """Connect, create or check the target (a dimension mismatch is a SinkError)."""
 
@@ -69,9 +88,9 @@ class Sink(ABC):
     def write(self, batch: VectorBatch) -> list[str]:
         """Write one batch; return the batch ids now durable (maybe none yet, maybe several)."""
 
-    @abstractmethod
     def on_write_complete(self) -> list[str]:
         """Make everything durable and visible (flush, final file); return newly durable ids."""
+        return []
 
     def on_write_failed(self, error: BaseException) -> None:
         """Release resources after a failure; what was acknowledged stays."""
@@ -79,7 +98,9 @@ class Sink(ABC):
     def close(self) -> None:
         """Release connections. Safe to call twice."""
 
-    # -- generations: what readers see changes only on publish ------------------------
+
+class Generations(ABC):
+    """The destination's generations: what readers see changes only on ``publish``."""
 
     @abstractmethod
     def discard_target(self) -> None:
@@ -139,3 +160,8 @@ class Sink(ABC):
     @abstractmethod
     def publish(self) -> None:
         """Make the target what readers see, atomically. Idempotent."""
+
+
+class Destination(Sink, Generations):
+    """A sink writing one generation of a destination: what a sink kind's settings make
+    (``SinkSettings.make``) and what a run drives, in the order the module says."""

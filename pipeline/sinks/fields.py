@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import SinkError
+from pipeline.sinks.base import VectorBatch
 
 # Milvus VARCHAR max_length counts UTF-8 bytes on a server (Lite counts characters).
 MAX_DOC_ID_BYTES = 1024  # the doc_id field's max_length: a server counts UTF-8 bytes
 MAX_VARCHAR_BYTES = 65535
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A batch's values as every sink stores them, checked once (the ids are the batch's)."""
+
+    vectors: np.ndarray  # (rows, dimension) finite float32
+    texts: list[str] | None  # None when the sink does not store text
+    metadata: list[str]  # canonical JSON, one per row
+
+
+def columns(batch: VectorBatch, dimension: int, store_text: bool, where: str) -> Columns:
+    """The batch's stored values, or a SinkError naming ``where`` and what is wrong."""
+    vectors = checked_vectors(batch.vectors, len(batch), dimension, where)
+    texts = None
+    if store_text:
+        if batch.texts is None:
+            raise SinkError(f"{where}: the batch has no texts but sink.store_text is on")
+        texts = [truncate_utf8(t) for t in batch.texts]
+    metadata = [metadata_json(m, where) for m in batch.metadata or [{}] * len(batch)]
+    return Columns(vectors, texts, metadata)
 
 
 def truncate_utf8(text: str, max_bytes: int = MAX_VARCHAR_BYTES) -> str:

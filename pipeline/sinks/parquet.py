@@ -11,24 +11,25 @@ a file holds into its file-level key-value metadata (known only when it is finis
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from pipeline.atomic import TEMP_SUFFIX, atomic_path, atomic_write_bytes, commit_temp, temp_name
+from pipeline.atomic import TEMP_SUFFIX, atomic_path, atomic_write_bytes
 from pipeline.errors import SinkError
 from pipeline.job.sections import SinkSettings
 from pipeline.records import HASH_BUCKETS, window_of
-from pipeline.sinks.base import GenerationMark, Sink, VectorBatch
-from pipeline.sinks.fields import checked_vectors, metadata_json, truncate_utf8
+from pipeline.sinks.base import Destination, GenerationMark, VectorBatch
+from pipeline.sinks.fields import columns
+from pipeline.sinks.parquet_file import PartFile, link_or_copy
+from pipeline.sinks.paths import blocked, nearest_existing
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 T = TypeVar("T")
@@ -55,7 +56,7 @@ def current_version(root: Path) -> Path | None:
 # rows are written to the open file in row groups of about this size, so the sink holds at
 # most one row group in memory however many rows a file gets
 ROW_GROUP_BYTES = 32 * 2**20
-
+ROWS_PER_FILE = 10_000
 
 
 class ParquetSinkConfig(SinkSettings):
@@ -63,9 +64,12 @@ class ParquetSinkConfig(SinkSettings):
     published by the ``CURRENT`` file that names the live one (Parquet files cannot be
     updated in place, so every run writes a version of its own)."""
 
+    where_key: ClassVar[str] = "sink.path"
+    name_key: ClassVar[str] = "sink.path"
+
     kind: Literal["parquet"] = "parquet"
     path: str | None = Field(None, description="the output directory")
-    rows_per_file: int = Field(10_000, gt=0, description="rows buffered per file")
+    rows_per_file: int = Field(ROWS_PER_FILE, gt=0, description="rows buffered per file")
 
     @model_validator(mode="after")
     def _target(self) -> ParquetSinkConfig:
@@ -80,7 +84,20 @@ class ParquetSinkConfig(SinkSettings):
         return self.path or ""
 
     def describe(self, resolve: Callable[[str], Path], target: str, alias: str) -> str:
-        return f"{resolve(self.path or '')}/{target}"
+        return f"{self.location(resolve)}/{target}"
+
+    def local_path(self, resolve: Callable[[str], Path]) -> Path | None:
+        return resolve(self.path or "")
+
+    def published_as(self, alias: str) -> str:
+        return CURRENT
+
+    def destination_problems(self, resolve: Callable[[str], Path], alias: str) -> list[str]:
+        """A file where the output directory must go."""
+        root = resolve(self.path or "")
+        existing = nearest_existing(root)
+        return [] if existing.is_dir() else [
+            f"sink.path: {blocked(root, existing)}; Parquet output needs a directory"]
 
     def make(self, resolve: Callable[[str], Path], alias: str, target: str,
              base: str | None = None, file_metadata: Mapping[str, str] | None = None,
@@ -91,7 +108,8 @@ class ParquetSinkConfig(SinkSettings):
                            base=root / base if base else None, file_prefix=f"{target[:6]}-",
                            mark=mark)
 
-class ParquetSink(Sink):
+
+class ParquetSink(Destination):
     """Vectors into a directory of Parquet files of about ``rows_per_file`` rows each.
 
     A file is written row group by row group to a temp file and renamed to its deterministic
@@ -105,7 +123,7 @@ class ParquetSink(Sink):
     re-embedded and files stay immutable.
     """
 
-    def __init__(self, directory: str | Path, *, rows_per_file: int = 50_000,
+    def __init__(self, directory: str | Path, *, rows_per_file: int = ROWS_PER_FILE,
                  store_text: bool = True, file_metadata: Mapping[str, str] | None = None,
                  root: str | Path | None = None, base: str | Path | None = None,
                  file_prefix: str = "", mark: GenerationMark | None = None) -> None:
@@ -123,7 +141,7 @@ class ParquetSink(Sink):
         self.file_metadata = dict(file_metadata or {})
         self.dimension: int | None = None
         self._schema: pa.Schema | None = None
-        self._file: _OpenFile | None = None
+        self._file: PartFile | None = None
 
     def on_write_start(self, dimension: int) -> None:
         """Create the directory and sweep temp files a killed run left behind."""
@@ -145,8 +163,8 @@ class ParquetSink(Sink):
             if not _SAFE_ID.match(batch.batch_id):
                 raise SinkError(f"parquet {self.directory}: batch id {batch.batch_id!r} cannot "
                                 "name a file")
-            self._file = _OpenFile(self.directory / part_name(batch.batch_id, self.file_prefix),
-                                   self._schema)
+            self._file = PartFile(self.directory / part_name(batch.batch_id, self.file_prefix),
+                                  self._schema)
         self._file.add(batch.batch_id, record)
         if self._file.buffered_bytes >= ROW_GROUP_BYTES:
             self._guarded(self._file.flush_group)
@@ -179,7 +197,7 @@ class ParquetSink(Sink):
             table = pq.read_table(src)
             keep = pc.invert(pc.is_in(table["doc_id"], value_set=changed))
             if pc.all(keep).as_py():
-                _link_or_copy(src, dest)
+                link_or_copy(src, dest)
             elif pc.any(keep).as_py():
                 with atomic_path(dest) as tmp:
                     pq.write_table(table.filter(keep), tmp)
@@ -260,23 +278,20 @@ class ParquetSink(Sink):
     def _record_batch(self, batch: VectorBatch) -> pa.RecordBatch:
         """The batch as Arrow now, so bad data fails on its own batch, not at file time."""
         assert self._schema is not None and self.dimension is not None, "on_write_start first"
-        where = f"parquet {self.directory}: batch {batch.batch_id}"
-        vectors = checked_vectors(batch.vectors, len(batch), self.dimension, where)
-        metadata = batch.metadata or [{}] * len(batch)
-        columns: dict[str, pa.Array] = {
+        values = columns(batch, self.dimension, self.store_text,
+                         f"parquet {self.directory}: batch {batch.batch_id}")
+        arrays: dict[str, pa.Array] = {
             "pk": pa.array(batch.pks, pa.string()),
             "doc_id": pa.array(batch.doc_ids, pa.string()),
             "chunk_index": pa.array(batch.chunk_indexes, pa.int32()),
             "doc_hash": pa.array(batch.doc_hashes, pa.string()),
-            "metadata": pa.array([metadata_json(m, where) for m in metadata], pa.string()),
+            "metadata": pa.array(values.metadata, pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1), pa.float32()), self.dimension),
+                pa.array(values.vectors.reshape(-1), pa.float32()), self.dimension),
         }
-        if self.store_text:
-            if batch.texts is None:
-                raise SinkError(f"{where}: the batch has no texts but sink.store_text is on")
-            columns["text"] = pa.array([truncate_utf8(t) for t in batch.texts], pa.string())
-        return pa.RecordBatch.from_arrays([columns[n] for n in self._schema.names],
+        if values.texts is not None:
+            arrays["text"] = pa.array(values.texts, pa.string())
+        return pa.RecordBatch.from_arrays([arrays[n] for n in self._schema.names],
                                           schema=self._schema)
 
     def _finish_file(self) -> list[str]:
@@ -304,63 +319,3 @@ class ParquetSink(Sink):
     def _remove_temps(self) -> None:
         for tmp in self.directory.glob(f".part-*.parquet.*{TEMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
-
-
-class _OpenFile:
-    """One output file being written: row groups go to a temp file, renamed when finished."""
-
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self.path = path
-        self.schema = schema
-        self.tmp = temp_name(path)
-        self.batch_ids: list[str] = []
-        self.rows = 0
-        self._group: list[pa.RecordBatch] = []
-        self._writer: pq.ParquetWriter | None = None
-
-    @property
-    def buffered_bytes(self) -> int:
-        return sum(rb.nbytes for rb in self._group)
-
-    def add(self, batch_id: str, record: pa.RecordBatch) -> None:
-        self.batch_ids.append(batch_id)
-        self._group.append(record)
-        self.rows += record.num_rows
-
-    def flush_group(self) -> None:
-        if not self._group:
-            return
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, self.schema)
-        self._writer.write_table(pa.Table.from_batches(self._group, schema=self.schema))
-        self._group.clear()
-
-    def finish(self) -> list[str]:
-        """Write what is buffered, close, rename into place; the batch ids it holds."""
-        self.flush_group()
-        assert self._writer is not None
-        # which batches the file holds, for provenance (file-level key-value metadata)
-        self._writer.add_key_value_metadata({"batch_ids": json.dumps(self.batch_ids)})
-        self._writer.close()
-        self._writer = None
-        commit_temp(self.tmp, self.path)
-        return self.batch_ids
-
-    def abandon(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except OSError:
-                pass
-            self._writer = None
-        self.tmp.unlink(missing_ok=True)
-        self._group.clear()
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    """Files are immutable once written, so a hard link is a safe, free copy."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)

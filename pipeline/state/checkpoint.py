@@ -8,9 +8,9 @@ window number, so the file stays small however long the job runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.atomic import atomic_path, seal, unseal
 from pipeline.errors import FingerprintMismatch, JobError
@@ -19,6 +19,37 @@ from pipeline.records import window_of
 from pipeline.state.layout import checkpoint_file
 
 FORMAT = 1
+Mode = Literal["full", "incremental"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The run's decision, made once when it starts and kept in the ledger, so a resumed run
+    writes where it began, on what it began (``base``), the way it began."""
+
+    generation: int
+    target: str  # the generation's name in the destination (collection / version directory)
+    base: str | None  # the published generation it builds on (None: a fresh build)
+    skip_unchanged: bool  # documents the published generation holds as they are: not embedded
+    mode: Mode
+    plan_settings: dict[str, Any] | None = None  # None: planned by a version that kept none
+
+    @property
+    def in_place(self) -> bool:
+        """It updates the published generation itself (a nightly sync), not a new one."""
+        return self.base == self.target
+
+    def planned_with(self, settings: dict[str, Any]) -> RunPlan:
+        return replace(self, plan_settings=settings)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> RunPlan:
+        return cls(generation=body["generation"], target=body["target"], base=body["base"],
+                   skip_unchanged=body["skip_unchanged"], mode=body["mode"],
+                   plan_settings=body.get("plan_settings"))
 
 
 @dataclass
@@ -29,7 +60,7 @@ class Checkpoint:
     done_batches: dict[int, set[str]] = field(default_factory=dict)
     vectors_written: int = 0
     safe_token_budget: int | None = None
-    run: dict[str, Any] = field(default_factory=dict)
+    run: RunPlan | None = None  # None until the run has decided
     is_new: bool = True
 
     @classmethod
@@ -39,23 +70,31 @@ class Checkpoint:
         A ledger written by a job whose vectors would differ is refused: resuming would
         mix two embeddings under one index.
         """
+        found = cls.peek(directory)
+        if found is None:
+            return cls(path=checkpoint_file(directory), fingerprint=fingerprint)
+        if found.fingerprint != fingerprint:
+            raise FingerprintMismatch(
+                f"{found.path}: checkpoint was written by a different job configuration "
+                f"(fingerprint {found.fingerprint} != {fingerprint}: model, dimension, pooling "
+                f"or chunking changed); run with --restart to re-embed from scratch")
+        return found
+
+    @classmethod
+    def peek(cls, directory: Path) -> Checkpoint | None:
+        """The ledger in ``directory`` as it is (verified, whatever job wrote it), or None."""
         path = checkpoint_file(directory)
         if not path.exists():
-            return cls(path=path, fingerprint=fingerprint)
+            return None
         state = _read_verified(path)
-        if state["fingerprint"] != fingerprint:
-            raise FingerprintMismatch(
-                f"{path}: checkpoint was written by a different job configuration "
-                f"(fingerprint {state['fingerprint']} != {fingerprint}: model, dimension, pooling "
-                f"or chunking changed); run with --restart to re-embed from scratch")
         return cls(
             path=path,
-            fingerprint=fingerprint,
+            fingerprint=state["fingerprint"],
             done_windows=set(state["done_windows"]),
             done_batches={int(w): set(b) for w, b in state["done_batches"].items()},
             vectors_written=state["vectors_written"],
             safe_token_budget=state.get("safe_token_budget"),
-            run=state.get("run", {}),
+            run=RunPlan.from_json(state["run"]) if state.get("run") else None,
             is_new=False,
         )
 
@@ -100,7 +139,7 @@ class Checkpoint:
             "done_batches": {str(w): sorted(b) for w, b in sorted(self.done_batches.items())},
             "vectors_written": self.vectors_written,
             "safe_token_budget": self.safe_token_budget,
-            "run": self.run,
+            "run": self.run.to_json() if self.run is not None else {},
         }
         try:
             with atomic_path(self.path) as tmp:
@@ -120,9 +159,3 @@ def _read_verified(path: Path) -> dict[str, Any]:
     if body.get("format") != FORMAT:
         raise JobError(f"{path}: checkpoint format {body.get('format')} is not supported")
     return body
-
-
-def read_state(directory: Path) -> dict[str, Any] | None:
-    """The raw ledger, for `embed-job status` (verified, no fingerprint check)."""
-    path = checkpoint_file(directory)
-    return _read_verified(path) if path.exists() else None

@@ -36,55 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embedders.base import DType, Embedder, T, model_name
-from pipeline.embedders.sglang_backend import SGLangConfig
-from pipeline.errors import ConfigError
+from pipeline.embedders.base import Embedder, T, model_name
+from pipeline.embedders.sglang_backend import SGLangBackend
 from pipeline.job.model_info import ModelInfo
-
-# The kwargs that make the engine an embedder fed with our token ids; job files may not change them.
-_FIXED = ("model_path", "is_embedding", "skip_tokenizer_init")
-
-
-def engine_kwargs(info: ModelInfo, cfg: SGLangConfig,
-                  dtype: DType = "auto",
-                  device: str = "auto") -> dict[str, Any]:
-    """The ``sglang.Engine`` kwargs for this model and job, None values left out.
-
-    dtype 'auto' is bfloat16 (the engine always runs on a GPU; SGLang's own 'auto' would
-    pick float16 for a float32 checkpoint). Radix (prefix) caching is off: embedding
-    requests are prefill-only and share no prefix worth caching.
-    """
-    clash = [k for k in _FIXED if k in cfg.extra]
-    if clash:
-        raise ConfigError(f"model.sglang.extra: {', '.join(clash)} cannot be overridden")
-    kwargs: dict[str, Any] = {
-        "model_path": str(info.path),
-        "is_embedding": True,
-        "skip_tokenizer_init": True,
-        "disable_radix_cache": True,
-        "dtype": "bfloat16" if dtype == "auto" else dtype,
-        "quantization": cfg.quantization,
-        "attention_backend": cfg.attention_backend,
-        "mem_fraction_static": cfg.mem_fraction_static,
-        "context_length": cfg.context_length or info.max_context,
-        "chunked_prefill_size": cfg.chunked_prefill_size,
-        "max_prefill_tokens": cfg.max_prefill_tokens,
-        "disable_cuda_graph": cfg.disable_cuda_graph,
-        "log_level": "warning",
-        **_device_kwargs(device),
-        **cfg.extra,
-    }
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _device_kwargs(device: str) -> dict[str, Any]:
-    """'cuda:N' becomes SGLang's ``base_gpu_id``; 'auto' leaves the choice to SGLang."""
-    if device == "auto":
-        return {}
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise ConfigError(f"model.device: {device!r}: the sglang backend runs on 'cuda' or 'cuda:N'")
-    return {"device": "cuda", "base_gpu_id": int(index) if index else None}
 
 
 class _LoopThread:
@@ -116,23 +70,22 @@ class SGLangEmbedder(Embedder):
     raises RuntimeError: a half-working engine holding the GPU is worse than a clear stop.
     """
 
-    def __init__(self, info: ModelInfo, sglang_cfg: SGLangConfig,
-                 dtype: DType = "auto",
-                 device: str = "auto") -> None:
+    def __init__(self, settings: SGLangBackend, info: ModelInfo) -> None:
         import sglang
         from sglang.srt.managers.io_struct import EmbeddingReqInput
 
+        cfg = settings.sglang
+        kwargs = settings.engine_kwargs(info)
         self._request_cls = EmbeddingReqInput
-        self.kwargs = engine_kwargs(info, sglang_cfg, dtype, device)
-        self.name = model_name(info.path)
-        self.native_dim = info.hidden_size
-        self.max_context = int(self.kwargs["context_length"]) - 1  # SGLang rejects len >= context
-        self.max_in_flight = sglang_cfg.max_in_flight
-        self.max_tokens_in_flight = sglang_cfg.max_tokens_in_flight
+        self._name = model_name(info.path)
+        self._native_dim = info.hidden_size
+        self._max_context = settings.max_context(info)
+        self.max_in_flight = cfg.max_in_flight
+        self.max_tokens_in_flight = cfg.max_tokens_in_flight
         self._tasks: set[asyncio.Task[np.ndarray]] = set()  # touched on the loop thread only
         self._loop_thread: _LoopThread | None = None
         try:
-            self._engine: Any = sglang.Engine(**self.kwargs)
+            self._engine: Any = sglang.Engine(**kwargs)
         except Exception as e:
             # Engine() may have spawned the scheduler before failing, and there is no engine
             # object to shut down: kill what it left, as SGLang's own shutdown would.
@@ -141,20 +94,20 @@ class SGLangEmbedder(Embedder):
             kill_process_tree(os.getpid(), include_parent=False)
             raise RuntimeError(f"SGLang engine failed to start for {info.path}: "
                                f"{type(e).__name__}: {e}") from e
-        if sglang_cfg.warmup_tokens:
-            self._warm_up(min(sglang_cfg.warmup_tokens, self.max_context))
+        if cfg.warmup_tokens:
+            self._warm_up(min(cfg.warmup_tokens, self.max_context))
 
     @property
-    def engine(self) -> Any:
-        """The live ``sglang.Engine`` (benchmarks talk to it directly through ``run``)."""
-        return self._live_engine()
+    def name(self) -> str:
+        return self._name
 
-    def run(self, coro: Any) -> concurrent.futures.Future:
-        """Schedule a coroutine on the engine's loop thread."""
-        self._live_engine()
-        if self._loop_thread is None:
-            self._loop_thread = _LoopThread(self._engine.loop)
-        return self._loop_thread.submit(coro)
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def native_dim(self) -> int:
+        return self._native_dim
 
     def embed_batch(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         return self._collect(self._submit(batch), len(batch))
@@ -214,8 +167,14 @@ class SGLangEmbedder(Embedder):
         return self._engine
 
     def _submit(self, batch: Sequence[Sequence[int]]) -> concurrent.futures.Future:
-        self._live_engine()
-        return self.run(self._embed(_id_lists(batch)))
+        self._live_engine()  # before the coroutine exists: a closed embedder leaves none unawaited
+        return self._on_loop(self._embed(_id_lists(batch)))
+
+    def _on_loop(self, coro: Any) -> concurrent.futures.Future:
+        """Schedule a coroutine on the engine's loop, started on its thread on first use."""
+        if self._loop_thread is None:
+            self._loop_thread = _LoopThread(self._live_engine().loop)
+        return self._loop_thread.submit(coro)
 
     async def _embed(self, ids: list[list[int]]) -> np.ndarray:
         task = asyncio.current_task()

@@ -31,6 +31,6 @@ class TransformersBackend(ModelSettings):
     def make(self, info: ModelInfo, pad_id: int) -> Embedder:
         from pipeline.embedders.transformers_backend.model import TransformersEmbedder
 
-        return TransformersEmbedder(info, pad_id, dtype=self.dtype, device=self.device,
-                                    pooling=self.pooling_for(info), packing=self.packing,
+        return TransformersEmbedder(info, pad_id, self.pooling_for(info), dtype=self.dtype,
+                                    device=self.device, packing=self.packing,
                                     compile=self.compile, packed_tokens=self.packed_tokens)

@@ -84,19 +84,17 @@ class TransformersEmbedder(Embedder):
     vector does not depend on how much padding its batch has.
     """
 
-    def __init__(self, info: ModelInfo, pad_id: int, dtype: DType = "auto", device: str = "auto",
-                 pooling: Pooling | None = None, packing: Switch = "auto",
-                 compile: Switch = "auto", packed_tokens: int = 32768) -> None:
+    def __init__(self, info: ModelInfo, pad_id: int, pooling: Pooling, dtype: DType = "auto",
+                 device: str = "auto", packing: Switch = "auto", compile: Switch = "auto",
+                 packed_tokens: int = 32768) -> None:
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
+        self.info = info
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.pooling: Pooling = pooling or info.pooling
+        self.pooling = pooling
         self.pad_id = pad_id
-        self.name = model_name(info.path)
-        self.native_dim = info.hidden_size
-        self.max_context = info.max_context
         self.packed_tokens = packed_tokens
         self._left_pad = self.pooling == "last"
         self._min_group = MIN_GROUP_TOKENS.get(self.device.type, MIN_GROUP_TOKENS["cuda"])
@@ -140,6 +138,18 @@ class TransformersEmbedder(Embedder):
         token = self.pad_id if self.pad_id is not None else 0
         for lengths in ((7, 61), (3, 130, 17)):
             self.embed_batch([[token] * n for n in lengths])
+
+    @property
+    def name(self) -> str:
+        return model_name(self.info.path)
+
+    @property
+    def max_context(self) -> int:
+        return self.info.max_context
+
+    @property
+    def native_dim(self) -> int:
+        return self.info.hidden_size
 
     @property
     def packing(self) -> bool:

@@ -1,5 +1,6 @@
-"""The Milvus sink's settings and facts; the sink itself (``sink.py``, with pymilvus) is
-imported only when a job writes to Milvus.
+"""The Milvus sink's settings and facts; the sink itself (``sink.py``, with its connection in
+``client.py`` and its schema in ``schema.py``: pymilvus) is imported only when a job writes to
+Milvus.
 
 A generation is one collection per fingerprint (``<alias>__<fp>``), updated in place by runs
 with the same settings, so a nightly sync touches only what changed; readers use the alias.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import unquote
 
 from pydantic import Field, model_validator
@@ -20,11 +23,21 @@ from pipeline.errors import ConfigError
 from pipeline.job.sections import SinkSettings, Strict
 from pipeline.secrets import mask_uri, uri_secret, without_userinfo
 from pipeline.sinks.fields import MAX_DOC_ID_BYTES
+from pipeline.sinks.paths import blocked, nearest_existing
 
 if TYPE_CHECKING:
-    from pipeline.sinks.base import GenerationMark, Sink
+    from pipeline.sinks.base import GenerationMark
+    from pipeline.sinks.milvus.sink import MilvusSink
 
 _SERVER_URI = re.compile(r"^(https?|tcp)://", re.IGNORECASE)
+# What a Milvus server accepts as a collection or alias name (Lite is laxer: it takes '-').
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_MAX = 255
+_GENERATION_SEPARATOR = "__"
+_GENERATION_SUFFIX = len(_GENERATION_SEPARATOR) + 16  # and the fingerprint's 16 hex digits
+# validate waits this long for a server, not a run's 60 s per call: a firewalled host
+# should not hold up a check
+_PROBE_TIMEOUT_S = 10.0
 
 
 def is_server_uri(uri: str) -> bool:
@@ -72,6 +85,8 @@ class TLSConfig(Strict):
 class MilvusSinkConfig(SinkSettings):
     """Vectors into Milvus: a Milvus Lite database (a local path) or a server (a URI)."""
 
+    where_key: ClassVar[str] = "sink.uri"
+
     kind: Literal["milvus"] = "milvus"
     uri: str | None = Field(None, description="a Milvus Lite path or http(s)://host:port")
     token: str | None = Field(None, description="inline token (user:password); prefer token_env")
@@ -104,16 +119,24 @@ class MilvusSinkConfig(SinkSettings):
     # -- facts ------------------------------------------------------------------------------
 
     @property
-    def is_server(self) -> bool:
+    def remote(self) -> bool:
+        """A server URI; anything else is a Milvus Lite path on this machine."""
         return is_server_uri(self.uri or "")
 
+    def local_path(self, resolve: Callable[[str], Path]) -> Path | None:
+        return None if self.remote else resolve(self.uri or "")
+
+    def location(self, resolve: Callable[[str], Path]) -> str:
+        return mask_uri(self.uri or "") if self.remote else str(resolve(self.uri or ""))
+
     def target_name(self, alias: str, fingerprint: str, generation: int) -> str:
-        return f"{alias}__{fingerprint}"
+        return f"{alias}{_GENERATION_SEPARATOR}{fingerprint}"
 
     def describe(self, resolve: Callable[[str], Path], target: str, alias: str) -> str:
-        uri = self.uri or ""
-        where = mask_uri(uri) if self.is_server else str(resolve(uri))
-        return f"{where} collection {target} (alias {alias})"
+        return f"{self.location(resolve)} collection {target} (alias {alias})"
+
+    def published_as(self, alias: str) -> str:
+        return f"the alias {alias!r}"
 
     def identity_where(self) -> str:
         return without_userinfo(self.uri or "")
@@ -165,16 +188,73 @@ class MilvusSinkConfig(SinkSettings):
                 problems.append(f"sink.tls.{key}: cannot read {file}: {e.strerror or e}")
         return problems
 
+    def destination_problems(self, resolve: Callable[[str], Path], alias: str) -> list[str]:
+        """A name a server refuses or too long for a generation's name; a Lite path where
+        no db can be."""
+        problems = []
+        if self.remote and not _NAME.match(alias):
+            problems.append(self._name_problem(alias))
+        if len(alias.encode()) + _GENERATION_SUFFIX > _NAME_MAX:
+            problems.append(f"sink.collection: {alias[:20]!r}... is too long: each generation "
+                            f"is a collection <name>__<16 hex digits>, at most {_NAME_MAX} "
+                            f"bytes; use at most {_NAME_MAX - _GENERATION_SUFFIX}")
+        db = self.local_path(resolve)
+        if db is not None:
+            existing = nearest_existing(db)
+            if existing == db and not db.is_dir():
+                problems.append(f"sink.uri: {db} exists and is not a Milvus Lite db (a Lite "
+                                f"db is a directory); remove it or point sink.uri elsewhere")
+            elif not existing.is_dir():
+                problems.append(f"sink.uri: {blocked(db, existing)}; point sink.uri elsewhere")
+        return problems
+
+    def warnings(self, job_file: str, from_env: AbstractSet[str], alias: str) -> list[str]:
+        """A token written in the job file (which tends to end up in git), said louder when
+        the file is readable by group or others, as ssh says for a private key; a collection
+        name Lite takes but a server refuses (a job name with '-'): the job runs, but its
+        index cannot move to a server under the same name."""
+        found = []
+        if self.token is not None and "sink.token" not in from_env:
+            text = "sink.token is written in the job file"
+            try:
+                mode = stat.S_IMODE(Path(job_file).stat().st_mode)
+            except OSError:
+                mode = 0
+            if mode & 0o044:
+                text += f", which group/others can read (mode {mode:04o})"
+            found.append(f"{text}; put the token in an environment variable and name it in "
+                         f"sink.token_env")
+        if not self.remote and not _NAME.match(alias):
+            found.append(f"{self._name_problem(alias)} (Milvus Lite accepts it, a server would "
+                         f"not)")
+        return found
+
+    def probe(self, resolve: Callable[[str], Path], alias: str) -> MilvusSink:
+        sink = self.make(resolve, alias, alias)
+        if self.remote:
+            sink.timeout = _PROBE_TIMEOUT_S
+        return sink
+
+    def _name_problem(self, alias: str) -> str:
+        what = repr(alias) if self.collection else f"the job name {alias!r} (the default)"
+        return (f"sink.collection: {what} is not a Milvus collection name (letters, digits and "
+                f"_, not starting with a digit); set sink.collection, e.g. {_suggest(alias)!r}")
+
     # -- the sink ---------------------------------------------------------------------------
 
     def make(self, resolve: Callable[[str], Path], alias: str, target: str,
              base: str | None = None, file_metadata: Mapping[str, str] | None = None,
-             mark: GenerationMark | None = None, **options: Any) -> Sink:
+             mark: GenerationMark | None = None) -> MilvusSink:
         from pipeline.sinks.milvus.sink import MilvusSink
 
         uri = self.uri or ""
-        return MilvusSink(uri if self.is_server else str(resolve(uri)), target,
+        return MilvusSink(uri if self.remote else str(resolve(uri)), target,
                           token=self.resolved_token(), index=self.index,
                           store_text=self.store_text, alias=alias, mark=mark,
                           secure=bool(self.secure),
-                          tls=self.tls.resolved(resolve) if self.tls else None, **options)
+                          tls=self.tls.resolved(resolve) if self.tls else None)
+
+
+def _suggest(name: str) -> str:
+    fixed = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return fixed if _NAME.match(fixed) else f"_{fixed}"

@@ -1,11 +1,15 @@
-"""Read back what a run wrote, with the stores' own clients (no product code involved)."""
+"""Read back what a run wrote, with the stores' own clients (the product only says where)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from pipeline.job.load import load_job
+from pipeline.sinks.parquet import CURRENT
 
 
 def milvus_rows(uri: Path | str, collection: str) -> dict[str, dict]:
@@ -32,11 +36,27 @@ def milvus_rows(uri: Path | str, collection: str) -> dict[str, dict]:
         client.close()
 
 
-def parquet_rows(root: Path) -> dict[str, dict]:
-    """The published version's rows: the directory that ``root/CURRENT`` names."""
-    import json
+def milvus_collections(uri: Path | str) -> list[str]:
+    """The names of every collection in the Milvus at ``uri``, sorted."""
+    from pymilvus import MilvusClient
 
-    directory = root / json.loads((root / "CURRENT").read_text())["version"]
+    client = MilvusClient(str(uri))
+    try:
+        return sorted(client.list_collections())
+    finally:
+        client.close()
+
+
+def published_version(root: Path) -> Path | None:
+    """The Parquet version directory that ``root``'s CURRENT pointer names; None without one."""
+    pointer = root / CURRENT
+    return root / json.loads(pointer.read_text())["version"] if pointer.exists() else None
+
+
+def parquet_rows(root: Path) -> dict[str, dict]:
+    """The published version's rows, keyed by primary key; a duplicate key fails loudly."""
+    directory = published_version(root)
+    assert directory is not None, f"{root}: nothing published"
     rows: dict[str, dict] = {}
     for f in sorted(directory.glob("*.parquet")):
         t = pq.read_table(f)
@@ -48,7 +68,18 @@ def parquet_rows(root: Path) -> dict[str, dict]:
     return rows
 
 
+def stored_rows(job: Path) -> dict[str, dict]:
+    """What the job's sink serves now: the rows under its Milvus alias, or in its published
+    Parquet version."""
+    loaded = load_job(job)
+    where = loaded.sink.local_path(loaded.resolve)  # None: a server
+    if loaded.sink.kind == "parquet":
+        return parquet_rows(where)
+    return milvus_rows(where or loaded.sink.uri, loaded.collection_name)
+
+
 def assert_same_store(a: dict[str, dict], b: dict[str, dict], min_cos: float = 0.9999) -> None:
+    """The same primary keys, and each key's vectors within ``min_cos`` of each other."""
     assert a.keys() == b.keys()
     for pk in a:
         cos = float(np.dot(a[pk]["vector"], b[pk]["vector"]))
@@ -66,28 +97,13 @@ def milvus_state_in_subprocess(uri: Path, alias: str) -> tuple[dict[str, dict], 
     code = (  # noqa: UP031 - %r quotes the paths for the child's source
         "import pickle, sys\n"
         "sys.path.insert(0, %r)\n"
-        "from store_readers import milvus_rows\n"
+        "from helpers.rows import milvus_rows\n"
         "from pymilvus import MilvusClient\n"
         "rows = milvus_rows(%r, %r)\n"
         "c = MilvusClient(%r)\n"
         "out = (rows, c.describe_alias(%r)['collection_name'], sorted(c.list_collections()))\n"
         "c.close()\n"
         "sys.stdout.buffer.write(pickle.dumps(out))\n"
-    ) % (str(Path(__file__).parent), str(uri), alias, str(uri), alias)
+    ) % (str(Path(__file__).parents[1]), str(uri), alias, str(uri), alias)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=120)
     return pickle.loads(done.stdout)
-
-
-def wait_for_first_ack(run_root: Path, proc, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    """Poll a running job's checkpoint until some vectors are acknowledged; the process must
-    still be running then (so a signal sent next lands mid-run)."""
-    import json
-    import time
-
-    ckpt = run_root / ".embed-job" / "t" / "run" / "checkpoint.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and json.loads(ckpt.read_text())["state"]["vectors_written"] > 0:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before the signal could be sent"
