@@ -40,10 +40,11 @@ class Run:
     exit_code: int
     output: str
     exception: BaseException | None = None
+    report_file: Path | None = None
 
     @classmethod
     def of(cls, job: Path, done: Result) -> Run:
-        return cls(job, done.exit_code, done.output, done.exception)
+        return cls(job, done.exit_code, done.output, done.exception, done.report_file)
 
     @property
     def dir(self) -> Path:
@@ -55,8 +56,8 @@ class Run:
 
     @property
     def report(self) -> dict[str, Any]:
-        path = self.dir / "report.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        path = self.report_file
+        return json.loads(path.read_text()) if path and path.exists() else {}
 
     @property
     def dead_letters(self) -> list[dict[str, Any]]:
@@ -614,16 +615,16 @@ def test_unreachable_milvus_server(tmp_path: Path) -> None:
 def test_unreachable_milvus_server_is_retried(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The connection at the start of a run gets sink.retries attempts, as the message says."""
-    import pipeline.sinks.milvus.sink as milvus_sink
+    import pipeline.sinks.milvus.client as milvus_client
 
     attempts: list[str] = []
-    real_client = milvus_sink.MilvusClient
+    real_client = milvus_client.MilvusClient
 
     def counting_client(*args: Any, **kwargs: Any) -> Any:
         attempts.append(str(args[0]) if args else "")
         return real_client(*args, **kwargs)
 
-    monkeypatch.setattr(milvus_sink, "MilvusClient", counting_client)
+    monkeypatch.setattr(milvus_client, "MilvusClient", counting_client)
     job = make_job(tmp_path, short_docs(1), sink={"uri": "http://127.0.0.1:1", "retries": 3,
                                                   "retry_base_delay_s": 0.05})
     run = run_cli(job)

@@ -138,7 +138,7 @@ def test_minilm_special_tokens(minilm: ModelTokenizer) -> None:
     assert minilm.prefix_ids == [minilm.hf.cls_token_id]
     assert minilm.suffix_ids == [minilm.hf.sep_token_id]
     assert minilm.n_special == 2
-    assert (minilm.pad_id, minilm.padding_side) == (minilm.hf.pad_token_id, "right")
+    assert minilm.pad_id == minilm.hf.pad_token_id
 
 
 def test_qwen_special_tokens(qwen: ModelTokenizer) -> None:
@@ -146,7 +146,6 @@ def test_qwen_special_tokens(qwen: ModelTokenizer) -> None:
     assert qwen.eos_id == eos
     assert qwen.prefix_ids == []
     assert qwen.suffix_ids == [eos], "last-token pooling needs EOS even if the tokenizer omits it"
-    assert qwen.padding_side == "left"
     assert qwen.n_special == 1
 
 
@@ -428,7 +427,7 @@ def test_minilm_vector_of_the_ids_is_that_of_the_stored_text(minilm_dir: Path,
     texts = ENGLISH_DOCS[:8] + [ZH, MIXED, ZH + MIXED + ENGLISH]
     ch = chunker(minilm, 32, 12)
     chunks = [(text, c) for text in texts for c in split(ch, text)]
-    emb = TransformersEmbedder(read_model_info(minilm_dir), minilm.pad_id, dtype="float32",
+    emb = TransformersEmbedder(read_model_info(minilm_dir), minilm.pad_id, "mean", dtype="float32",
                                device="cpu")
     try:
         ours = emb.embed_batch([c.token_ids for _, c in chunks])
@@ -455,7 +454,6 @@ def test_qwen3_vocabulary_known_ids(qwen_tokenizer_dir: Path, qwen3_vocab: Model
     assert qwen3_vocab.encode_with_offsets("Hello world")[0] == [9707, 1879]
     assert qwen3_vocab.prefix_ids == []
     assert qwen3_vocab.suffix_ids == [151643] and qwen3_vocab.eos_id == 151643
-    assert qwen3_vocab.padding_side == "left"
 
 
 def test_qwen3_vocabulary_matches_tiktoken(qwen3_vocab: ModelTokenizer) -> None:

@@ -25,7 +25,10 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def _published(project: Path) -> dict[str, tuple[str, str, np.ndarray]]:
     """pk -> (doc id, text, vector) of the published Parquet version."""
     root = project / "vectors"
-    version = root / json.loads((root / CURRENT).read_text())["version"]
+    return _rows(root / json.loads((root / CURRENT).read_text())["version"])
+
+
+def _rows(version: Path) -> dict[str, tuple[str, str, np.ndarray]]:
     table = pq.read_table(sorted(version.glob("*.parquet")))
     return {pk: (doc, text, np.asarray(vec, dtype=np.float32))
             for pk, doc, text, vec in zip(*(table[c].to_pylist()
@@ -54,6 +57,13 @@ def test_an_unfinished_run_of_the_previous_layout_resumes_to_a_fresh_runs_result
     assert _cli("run", "job.yaml", "--quiet", cwd=fresh).returncode == 0
 
     got, want = _published(old), _published(fresh)
+    # documents gone from the source stay as the old version published them
+    # (sync.delete_missing is off): the rest is exactly what a fresh run writes
+    before = _published(OLD_STATE)
+    corpus = {json.loads(line)["id"] for line in (OLD_STATE / "corpus.jsonl").open()}
+    kept = {pk: row for pk, row in before.items() if row[0] not in corpus}
+    assert {row[0] for row in kept.values()} == {"py-asyncore", "py-calendar"}
+    want = {**want, **kept}
     assert got.keys() == want.keys()
     for pk, (doc, text, vector) in want.items():
         assert got[pk][:2] == (doc, text)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from tiny_models import build_tiny_qwen3
 
-from pipeline.embedders import Embedder, make_embedder
+from pipeline.embedders import Embedder
 from pipeline.embedders.faulty import wrap_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.embedders.pooling import cls_pool, last_token_pool, mean_pool
@@ -159,13 +159,12 @@ class CountingBackend(ModelSettings):
 
 RUN_PLUGIN = """
 import json, sys
-from pipeline.embedders import make_embedder
 from pipeline.job.load import load_job
 from pipeline.job.model_info import read_model_info, resolve_model_dir
 
 job = load_job(sys.argv[1])
 info = read_model_info(resolve_model_dir(job.model.path, job.model.revision, job.base_dir))
-with make_embedder(job.model, info, pad_id=0) as emb:
+with job.model.make(info, 0) as emb:
     vectors = {k: v.tolist() for k, v in emb.embed_stream([("a", [[5, 6, 7]]), ("b", [[1], [2, 3]])])}
 print(json.dumps({"settings": type(job.model).__name__, "scale": job.model.scale,
                   "embedder": emb.name, "max_context": job.model.max_context(info),
@@ -176,7 +175,7 @@ print(json.dumps({"settings": type(job.model).__name__, "scale": job.model.scale
 
 def test_a_backend_is_one_module_and_one_entry_point(tmp_path: Path) -> None:
     """A plug-in installed beside the product: the job file names it, and the run layer's
-    calls (facts, make_embedder) reach it; nothing in the product is edited."""
+    calls (facts, make) reach it; nothing in the product is edited."""
     site = tmp_path / "site"
     dist = site / "counting_backend-0.1.dist-info"
     dist.mkdir(parents=True)
@@ -349,7 +348,7 @@ def test_minilm_vectors_mean_something(minilm: tuple[TransformersEmbedder, IdsOf
 def test_factory_resolves_pooling_and_names(minilm_dir: Path, qwen3_dir: Path) -> None:
     for path, pooling, dim in ((minilm_dir, "mean", 384), (qwen3_dir, "last", 64)):
         cfg = TransformersBackend(path=str(path), dtype="float32", device="cpu")
-        emb = make_embedder(cfg, read_model_info(path), pad_id=0)
+        emb = cfg.make(read_model_info(path), 0)
         assert isinstance(emb, TransformersEmbedder)
         assert (emb.pooling, emb.native_dim, emb.name) == (pooling, dim, path.name)
         assert emb.max_context == read_model_info(path).max_context
@@ -357,7 +356,6 @@ def test_factory_resolves_pooling_and_names(minilm_dir: Path, qwen3_dir: Path) -
         emb.close()  # safe twice
         with pytest.raises(RuntimeError, match="closed"):
             emb.embed_batch([[1, 2]])
-    cls = make_embedder(TransformersBackend(path=str(minilm_dir), pooling="cls", device="cpu"),
-                        read_model_info(minilm_dir), pad_id=0)
+    cls = TransformersBackend(path=str(minilm_dir), pooling="cls", device="cpu").make(read_model_info(minilm_dir), 0)
     assert cls.pooling == "cls"
     cls.close()

@@ -53,12 +53,11 @@ def test_milvus_holds_exactly_the_expected_keys(milvus_run) -> None:
 def test_search_for_own_text_finds_the_document_first(milvus_run) -> None:
     from pymilvus import MilvusClient
 
-    from pipeline.embedders import make_embedder
     from pipeline.embedders.matryoshka import truncate_and_normalize
 
     tmp, docs, job, _ = milvus_run
     ctx = JobContext.load(load_job(job))
-    embedder = make_embedder(ctx.job.model, ctx.info, ctx.tokenizer.pad_id)
+    embedder = ctx.job.model.make(ctx.info, ctx.tokenizer.pad_id)
     client = MilvusClient(str(tmp / "out.db"))
     try:
         for d in docs[:8]:

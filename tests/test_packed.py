@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from tiny_models import build_tiny_qwen3
 
-from pipeline.embedders import make_embedder
 from pipeline.embedders.transformers_backend import TransformersBackend
 from pipeline.embedders.transformers_backend.model import TransformersEmbedder, padded_groups
 from pipeline.embedders.transformers_backend.packed import (
@@ -200,7 +199,7 @@ def test_packing_defaults_and_refusals(qwen3_dir: Path) -> None:
 def test_factory_passes_the_packing_settings(qwen3_dir: Path) -> None:
     cfg = TransformersBackend(path=str(qwen3_dir), device="cpu", dtype="float32", packing="on",
                       compile="off", packed_tokens=100)
-    emb = make_embedder(cfg, read_model_info(qwen3_dir), pad_id=0)
+    emb = cfg.make(read_model_info(qwen3_dir), 0)
     assert isinstance(emb, TransformersEmbedder)
     assert emb.packing and emb.packed_tokens == 100 and not emb._packed.compiled
 

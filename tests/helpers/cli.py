@@ -38,11 +38,6 @@ class Result:
     exception: BaseException | None = None  # raised in this process (with catch), not SystemExit
 
     @property
-    def lines(self) -> list[str]:
-        """The output's non-blank lines."""
-        return [line for line in self.output.splitlines() if line.strip()]
-
-    @property
     def report(self) -> dict[str, Any]:
         """The JSON report the run wrote."""
         assert self.report_file is not None, "the command was run without --report"
