@@ -5,30 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
-from pipeline.sinks.parquet import CURRENT
+from helpers.cli import invoke, run
+from helpers.rows import published_version
 
 OLD_STATE = Path(__file__).parent / "fixtures" / "state-9cc33a9"
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
 def _published(project: Path) -> dict[str, tuple[str, str, np.ndarray]]:
     """pk -> (doc id, text, vector) of the published Parquet version."""
-    root = project / "vectors"
-    return _rows(root / json.loads((root / CURRENT).read_text())["version"])
-
-
-def _rows(version: Path) -> dict[str, tuple[str, str, np.ndarray]]:
+    version = published_version(project / "vectors")
+    assert version is not None
     table = pq.read_table(sorted(version.glob("*.parquet")))
     return {pk: (doc, text, np.asarray(vec, dtype=np.float32))
             for pk, doc, text, vec in zip(*(table[c].to_pylist()
@@ -39,22 +29,20 @@ def test_an_unfinished_run_of_the_previous_layout_resumes_to_a_fresh_runs_result
         tmp_path: Path) -> None:
     old = tmp_path / "old"
     shutil.copytree(OLD_STATE, old)
-    status = _cli("status", "job.yaml", "--json", cwd=old)
-    assert status.returncode == 0, status.stderr
+    status = invoke("status", str(old / "job.yaml"), "--json", process=True)
+    assert status.exit_code == 0, status.output
     shown = json.loads(status.stdout)
     assert shown["state"] == "in progress" and shown["run_mode"] == "incremental"
     assert shown["run_target"].startswith("v00003-") and 0 < shown["batches_done"]
 
-    resumed = _cli("run", "job.yaml", "--quiet", "--report", "report.json", cwd=old)
-    assert resumed.returncode == 0, resumed.stderr
-    report = json.loads((old / "report.json").read_text())
+    report = run(old / "job.yaml", process=True, expect=[0]).report
     assert report["status"] == "completed" and report["batches_skipped"] > 0  # resumed
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     for name in ("job.yaml", "corpus.jsonl"):
         shutil.copy(OLD_STATE / name, fresh / name)
-    assert _cli("run", "job.yaml", "--quiet", cwd=fresh).returncode == 0
+    run(fresh / "job.yaml", process=True, expect=[0])
 
     got, want = _published(old), _published(fresh)
     # documents gone from the source stay as the old version published them

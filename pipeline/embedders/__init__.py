@@ -4,6 +4,6 @@ use, so planning, chunking and `--help` stay fast and a CPU install never needs 
 
 from __future__ import annotations
 
-from pipeline.embedders.base import DType, Embedder, model_name
+from pipeline.embedders.base import Embedder, model_name
 
-__all__ = ["DType", "Embedder", "model_name"]
+__all__ = ["Embedder", "model_name"]

@@ -5,12 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
-DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Embedder(ABC):

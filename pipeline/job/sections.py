@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pipeline.embedders.base import Embedder
     from pipeline.sinks.base import Destination, GenerationMark
 
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 class Strict(BaseModel):
@@ -120,7 +121,7 @@ class ModelSettings(Strict):
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
     dimension: int | None = Field(None, gt=0, description="Matryoshka dimension; None = native")
     normalize: bool = True
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DType = "auto"
     device: str = "auto"
     query_instruction: str | None = Field(
         None, description="task text for queries: 'Instruct: {task}\\nQuery:{text}'; never for documents")

@@ -21,10 +21,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.embedders.base import DType, Embedder, T, model_name
+from pipeline.embedders.base import Embedder, T, model_name
 from pipeline.embedders.pooling import POOLERS
 from pipeline.errors import ConfigError
 from pipeline.job.model_info import ModelInfo, Pooling
+from pipeline.job.sections import DType
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Switch = Literal["auto", "on", "off"]
