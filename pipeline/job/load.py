@@ -34,7 +34,7 @@ def _format_error(where: str, err: dict[str, Any]) -> str:
         msg = "unknown key"
         if plugin is not None and len(parts) == 2:
             section = "sink" if parts[0] == "sink" else "backend"
-            msg = f"unknown key for a {plugin} {section}" + _owners(parts)
+            msg = f"unknown key for a {plugin} {section}"
     elif err["type"] == "unknown_plugin":  # msg: "<key>: expected one of ..."
         key = err["ctx"]["key"]
         value = err["input"].get(key) if isinstance(err["input"], dict) else None
@@ -47,16 +47,6 @@ def _format_error(where: str, err: dict[str, Any]) -> str:
     if not loc or msg.startswith(f"{loc}."):  # a section's check names its own field
         return f"{where}: {msg}"
     return f"{where}: {loc}: {msg}"
-
-
-def _owners(parts: tuple[Any, ...]) -> str:
-    """Which other plug-ins have the key, so a setting left over from another kind is
-    recognised as such."""
-    if len(parts) != 2:
-        return ""
-    kinds = plugins.sink_kinds() if parts[0] == "sink" else plugins.backends()
-    owners = [name for name, cls in kinds.items() if parts[1] in cls.model_fields]
-    return f" (a setting of {' and '.join(owners)})" if owners else ""
 
 
 # pydantic names each member of a union it tried ('str', 'list[str]', "literal['a','b']")

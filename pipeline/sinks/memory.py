@@ -10,6 +10,7 @@ run in the same process finds what it wrote; everything is gone when the process
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -74,6 +75,10 @@ class MemorySinkConfig(SinkSettings):
 
     def published_as(self, alias: str) -> str:
         return f"the alias {alias!r}"
+
+    def warnings(self, job_file: str, from_env: AbstractSet[str], alias: str) -> list[str]:
+        return ["sink.kind: memory keeps the vectors in this process only; they are gone when "
+                "it exits (for tests and in-process runs; use milvus or parquet)"]
 
     def make(self, resolve: Callable[[str], Path], alias: str, target: str,
              base: str | None = None, file_metadata: Mapping[str, str] | None = None,
