@@ -106,9 +106,14 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="json: every line on stderr is a JSON object (progress, "
                                       "warnings, errors, the summary) for log shippers.")
+@click.option("--gpus", help="Embed on GPUs of this host, one worker process each: all, a "
+                             "count (2), or indexes (0,2,5). Overrides model.gpus.")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes per GPU, or on "
+              "the CPU without --gpus. Overrides model.workers.")
 def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_run: bool,
         quiet: bool, report_path: Path | None, prom_path: Path | None,
-        accept_missing_files: bool, progress_every: float, log_format: str) -> None:
+        accept_missing_files: bool, progress_every: float, log_format: str,
+        gpus: str | None, workers: int | None) -> None:
     """Run (or resume) the job in JOB_FILE.
 
     A run plans (reads the source, chunks it, sorts the chunks into batches on disk), embeds
@@ -118,6 +123,7 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
     even with --quiet; --report and --prom are written whatever happens.
     """
     from pipeline.run.context import RunOptions
+    from pipeline.run.devices import parse_gpus
     from pipeline.run.report import RunReport
     from pipeline.run.runner import run_job
     from pipeline.run.signals import graceful_stop
@@ -144,6 +150,8 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
             secrets = job.sink.secrets()
             report.hide(secrets)
             options = RunOptions(restart=restart, limit=limit, progress=not quiet,
+                                 gpus=None if gpus is None else parse_gpus(gpus),
+                                 workers=workers,
                                  mode=cast("Mode | None", mode),
                                  accept_missing_files=accept_missing_files,
                                  progress_interval_s=progress_every,

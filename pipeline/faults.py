@@ -4,7 +4,8 @@
 passes ``after_sink_write``; ``point~0.2:oom`` fires at random with probability 0.2 (seeded by
 ``EMBED_JOB_FAULT_SEED``); ``:raise`` raises RuntimeError, ``:oom`` raises MemoryError,
 ``:transient`` raises TransientError, ``:enospc`` raises a disk-full OSError. Several specs
-may be given, comma-separated.
+may be given, comma-separated. A ``worker_*`` point fires in the first embedding worker's
+first process only (``--workers``/``--gpus``), so a test kills exactly one worker.
 ``EMBED_JOB_MEMORY_LIMIT_TOKENS=N`` makes every embedding call of more than N padded tokens
 fail with MemoryError, like a device that is too small.
 Unset (the normal case) a fault point costs one dict lookup.
@@ -22,7 +23,7 @@ from pipeline.errors import TransientError
 
 POINTS = ("after_read", "after_chunk", "after_plan_window", "during_embed", "after_embed",
           "before_sink_write", "after_sink_write", "after_ack", "during_checkpoint_write",
-          "before_publish", "after_commit")
+          "before_publish", "after_commit", "worker_after_embed")
 
 _hits: Counter[str] = Counter()
 _lock = threading.Lock()

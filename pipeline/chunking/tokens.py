@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Encoding, Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.errors import ConfigError
 from pipeline.job.model_info import Pooling
+
+if TYPE_CHECKING:  # imported when used: a planner worker process never loads transformers
+    from transformers import PreTrainedTokenizerBase
 
 # Any short plain text works: only the ids added around it matter.
 _PROBE = "hello world"
@@ -64,7 +67,20 @@ class ModelTokenizer:
         path = Path(path)
         tok_file = path / "tokenizer.json"
         source = tok_file.read_bytes() if tok_file.exists() else None
+        from transformers import AutoTokenizer
+
         return cls(AutoTokenizer.from_pretrained(path), pooling, source)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy for a planner worker process (``pipeline.plan.parallel``): the Rust
+        tokenizer and the special tokens, which are all that chunking uses; not the HF
+        wrapper, so ``hf`` is None in the copy."""
+        return {**self.__dict__, "hf": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # the one setting the Rust tokenizer's own pickle (its JSON) does not carry
+        self._backend.encode_special_tokens = True
 
     @staticmethod
     def _special_around(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:

@@ -125,6 +125,11 @@ class ModelSettings(Strict):
     device: str = "auto"
     query_instruction: str | None = Field(
         None, description="task text for queries: 'Instruct: {task}\\nQuery:{text}'; never for documents")
+    gpus: int | Literal["all"] | list[int] | None = Field(
+        None, description="GPUs of this host to embed on, one worker process each: a count, "
+        "'all', or indexes [0, 2, 5]; None: model.device, in the run's own process")
+    workers: int = Field(1, ge=1, description="worker processes per GPU (they split its "
+                         "memory), or on the CPU when gpus is None; 1: in the run's process")
 
     def pooling_for(self, info: ModelInfo) -> Pooling:
         """The pooling to use: the job's, or the model's own for ``auto``."""
@@ -157,6 +162,16 @@ class ModelSettings(Strict):
     def make(self, info: ModelInfo, pad_id: int) -> Embedder:
         """The embedder; ``pad_id`` fills batches for a backend that pads."""
         raise NotImplementedError
+
+    def sharing_device(self, share: int) -> ModelSettings:
+        """The settings for one of ``share`` workers on one GPU (a backend that reserves
+        device memory up front takes its part of it)."""
+        return self
+
+    def tokens_in_flight(self, token_budget: int) -> int:
+        """Tokens an embedder holds before it hands a result back: a worker is given this
+        much, and a batch more, so its engine never waits for the next batch."""
+        return 2 * token_budget
 
 
 class SinkSettings(Strict):

@@ -14,6 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.job.config import Job
 from pipeline.job.model_info import ModelInfo, read_model_info, resolve_model_dir
 from pipeline.plan.store import PlanStore
+from pipeline.run.devices import GpuSpec
 from pipeline.state.checkpoint import Checkpoint, Mode, RunPlan
 from pipeline.state.sync_state import SyncState
 
@@ -27,6 +28,8 @@ class RunOptions:
     accept_missing_files: bool = False  # source files read before and gone now: delete theirs
     progress_interval_s: float = 30.0  # off a terminal: one progress line this often
     progress_emit: Callable[[str], None] | None = None  # where such a line goes (stderr)
+    gpus: GpuSpec | None = None  # overrides model.gpus
+    workers: int | None = None  # overrides model.workers
 
 
 def model_problems(job: Job, info: ModelInfo) -> list[str]:

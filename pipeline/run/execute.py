@@ -5,14 +5,14 @@ without a usable vector become dead letters, and too many of them stop the run."
 from __future__ import annotations
 
 import json
-from collections import deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from pipeline.embedders.matryoshka import truncate_and_normalize
-from pipeline.embedders.resilient import ResilientEmbedding
 from pipeline.errors import JobError
 from pipeline.faults import fault_point
 from pipeline.plan.batching import PlannedBatch
@@ -27,11 +27,37 @@ from pipeline.state.checkpoint import Checkpoint
 from pipeline.state.dead_letters import DeadLetterFile
 
 
+class Embedding(Protocol):
+    """What the loop embeds with: ``ResilientEmbedding`` in this process, or the worker pool.
+    Results may come in any order; ``on_unfit`` hears of a chunk that fits nowhere."""
+
+    on_unfit: Callable[[PlannedBatch, int, BaseException], None]
+    on_budget_change: Callable[[int | None], None]
+
+    def run(self, batches: Iterable[PlannedBatch]
+            ) -> Iterator[tuple[PlannedBatch, np.ndarray]]: ...
+
+
+@dataclass
+class _Feed:
+    """Windows handed to the engine and not yet closed, with their batches out."""
+
+    opened: deque[int] = field(default_factory=deque)
+    out: Counter[int] = field(default_factory=Counter)
+    finished: bool = False  # every batch has been handed out
+
+    def closable(self) -> bool:
+        """The oldest open window has all its batches back, and the feed moved past it."""
+        head = self.opened[0] if self.opened else None
+        return (head is not None and self.out[head] == 0
+                and (self.finished or head != self.opened[-1]))
+
+
 @dataclass
 class Executor:
     ctx: JobContext
     checkpoint: Checkpoint
-    engine: ResilientEmbedding
+    engine: Embedding
     writer: Writer
     dead: DeadLetterFile
     report: RunReport
@@ -41,24 +67,27 @@ class Executor:
 
     def run(self, windows: Iterator[int]) -> None:
         """One embedding stream across all windows, so the engine never drains at a window
-        boundary; a window is closed once the first result of a later window comes back."""
+        boundary; a window is closed once all its results are back and a later window has
+        started (results may come out of plan order from several workers)."""
         engine = self.engine
         engine.on_unfit, engine.on_budget_change = self._unfit_chunk, self._save_budget
-        opened: deque[int] = deque()  # windows handed to the engine, not yet closed
-        for batch, vectors in engine.run(self._batches(windows, opened)):
+        feed = _Feed()
+        for batch, vectors in engine.run(self._batches(windows, feed)):
             fault_point("after_embed")
-            self._close_windows(opened, before=window_of(batch.batch_id))
             self.writer.put(self._to_vector_batch(batch, vectors))
+            feed.out[window_of(batch.batch_id)] -= 1
+            self._close_windows(feed)
             self.report.batches_embedded += 1
             self.report.chunks_embedded += batch.table.num_rows
             self.report.tokens_embedded += batch.n_tokens
             self.bar.update(batch.n_tokens)
         if self.stop.is_set():
             return
-        self._close_windows(opened, before=None)
+        feed.finished = True
+        self._close_windows(feed)
         self._check_dead_letters(final=True)
 
-    def _batches(self, windows: Iterator[int], opened: deque[int]) -> Iterator[PlannedBatch]:
+    def _batches(self, windows: Iterator[int], feed: _Feed) -> Iterator[PlannedBatch]:
         store = self.ctx.plan_store
         for window in windows:
             if self.stop.is_set():
@@ -68,12 +97,16 @@ class Executor:
                 self.report.batches_skipped += stats.batches
                 self.bar.update(stats.tokens)
                 continue
-            opened.append(window)
-            yield from self._todo(window)
+            feed.opened.append(window)
+            for batch in self._todo(window):
+                feed.out[window] += 1
+                yield batch
 
-    def _close_windows(self, opened: deque[int], before: int | None) -> None:
-        while opened and (before is None or opened[0] < before):
-            self.writer.put(WindowEnd(opened.popleft()))
+    def _close_windows(self, feed: _Feed) -> None:
+        while feed.closable():
+            window = feed.opened.popleft()
+            del feed.out[window]
+            self.writer.put(WindowEnd(window))
             self._check_dead_letters()
 
     def _todo(self, window: int) -> Iterator[PlannedBatch]:

@@ -54,6 +54,8 @@ class RunReport:
     # the writer's queue full (the sink is behind); both near 0 when the device sets the pace
     waited_for_plan_s: float = 0.0
     waited_for_sink_s: float = 0.0
+    # one entry per embedding worker process (--gpus / --workers): pace, waits, deaths
+    workers: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures
@@ -140,6 +142,11 @@ class RunReport:
             f"  waits         {self.waited_for_plan_s:,.1f} s for the plan (reading, chunking), "
             f"{self.waited_for_sink_s:,.1f} s for the sink",
         ]
+        for w in self.workers:
+            lines.append(f"  {w['worker']:<13} {w['tokens']:,} tokens, {w['tokens_per_s']:,.0f} "
+                         f"tokens/s; waited {w['waited_for_plan_s']:,.1f} s for batches, "
+                         f"{w['waited_for_sink_s']:,.1f} s for the writer"
+                         + (f"; died {w['deaths']}x" if w["deaths"] else ""))
         if self.error:
             lines.append(f"  error         {self.error}")
         return redact("\n".join(lines), self._secrets)

@@ -8,6 +8,7 @@ instead of loading the job's model, and sink settings to use instead of the job'
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -15,13 +16,14 @@ from collections.abc import Callable
 from pipeline.embedders.base import Embedder
 from pipeline.embedders.faulty import wrap_embedder
 from pipeline.embedders.resilient import ResilientEmbedding, SafeBudget
-from pipeline.errors import Interrupted, JobError, with_retries
+from pipeline.errors import ConfigError, Interrupted, JobError, with_retries
 from pipeline.faults import fault_point
 from pipeline.job.config import Job
 from pipeline.job.sections import SinkSettings
 from pipeline.plan.build import RejectedRows
 from pipeline.readers import check_source, read_documents, source_files
 from pipeline.run.context import JobContext, RunOptions
+from pipeline.run.devices import Slot, in_process, worker_slots
 from pipeline.run.execute import Executor
 from pipeline.run.feed import Planner, all_windows, count_window
 from pipeline.run.ownership import check_destination, check_identity, check_target
@@ -30,6 +32,7 @@ from pipeline.run.publish import publish_run
 from pipeline.run.replan import forget_unfinished, resync_plan
 from pipeline.run.report import RunReport
 from pipeline.run.signals import StopRequest, graceful_stop
+from pipeline.run.workers import WorkerPool
 from pipeline.run.writer import Writer
 from pipeline.sinks.base import Destination, GenerationMark
 from pipeline.state.checkpoint import Checkpoint
@@ -39,21 +42,37 @@ from pipeline.state.sync_state import SyncState
 
 
 class _Parts:
-    """How this run gets its embedder (the job's, or the caller's) and its sinks."""
+    """How this run gets its embedder (the job's, or the caller's; in this process or in
+    worker processes) and its sinks."""
 
-    def __init__(self, ctx: JobContext, embedder: Embedder | None,
+    def __init__(self, ctx: JobContext, slots: list[Slot], embedder: Embedder | None,
                  embedder_factory: Callable[[], Embedder] | None) -> None:
-        self.ctx, self.lent = ctx, embedder
-        self.make_embedder = embedder_factory or (
-            lambda: ctx.job.model.make(ctx.info, ctx.tokenizer.pad_id))
+        self.ctx, self.slots, self.lent, self.factory = ctx, slots, embedder, embedder_factory
+        if embedder is not None and not in_process(slots):
+            raise ConfigError("a lent embedder runs in the run's own process: no --gpus or "
+                              "--workers with it")
 
-    def engine(self, budget: SafeBudget) -> ResilientEmbedding:
+    def _maker(self, share: int = 1) -> Callable[[], Embedder]:
+        """A picklable factory: a worker process makes its own embedder with it."""
+        ctx = self.ctx
+        return self.factory or functools.partial(
+            ctx.job.model.sharing_device(share).make, ctx.info, ctx.tokenizer.pad_id)
+
+    def engine(self, budget: SafeBudget) -> ResilientEmbedding | WorkerPool:
         if self.lent is not None:  # used as it is: never closed nor restarted by the run
             lent = self.lent
             return ResilientEmbedding(lambda: wrap_embedder(lent), budget, max_restarts=0)
-        return ResilientEmbedding(lambda: wrap_embedder(self.make_embedder()), budget)
+        if in_process(self.slots):
+            make = self._maker()
+            return ResilientEmbedding(lambda: wrap_embedder(make()), budget)
+        job, cpus = self.ctx.job, os.cpu_count() or 1
+        on_cpu = self.slots[0].gpu is None
+        return WorkerPool(self.slots, lambda slot: self._maker(slot.share), budget.limit,
+                          budget.ceiling, job.model.tokens_in_flight(job.batching.token_budget)
+                          + job.batching.token_budget,
+                          threads=max(1, cpus // len(self.slots)) if on_cpu else None)
 
-    def close(self, engine: ResilientEmbedding) -> None:
+    def close(self, engine: ResilientEmbedding | WorkerPool) -> None:
         if self.lent is None:
             engine.close()
 
@@ -106,8 +125,10 @@ def run_job(job: Job, options: RunOptions, report: RunReport | None = None,
 def _run_locked(job: Job, options: RunOptions, report: RunReport, stop: StopRequest,
                 given: tuple[Embedder | None, Callable[[], Embedder] | None]) -> None:
     check_source(job.source, job.resolve)  # before the model: a typo in a path fails at once
+    slots = worker_slots(options.gpus if options.gpus is not None else job.model.gpus,
+                         options.workers or job.model.workers, job.model.device)
     ctx = JobContext.load(job)
-    parts = _Parts(ctx, *given)
+    parts = _Parts(ctx, slots, *given)
     report.fingerprint = ctx.fingerprint
     stop.check()
     retries = (job.sink.retries, job.sink.retry_base_delay_s)
@@ -200,6 +221,8 @@ def _run_phases(ctx: JobContext, parts: _Parts, options: RunOptions, checkpoint:
             finally:
                 parts.close(engine)
                 report.extra["engine_restarts"] = engine.restarts
+                if isinstance(engine, WorkerPool):
+                    report.workers = [w.to_dict() for w in engine.stats]
         except BaseException:
             if planner is not None:
                 planner.stop.set()

@@ -65,6 +65,18 @@ class SGLangBackend(ModelSettings):
             return "model.device: the sglang backend needs a CUDA GPU; use backend: transformers"
         return super().device_problem()
 
+    def sharing_device(self, share: int) -> SGLangBackend:
+        """The engine reserves ``mem_fraction_static`` of the GPU at start: each of
+        ``share`` engines on one GPU takes its part."""
+        if share == 1:
+            return self
+        cfg = self.sglang.model_copy(
+            update={"mem_fraction_static": self.sglang.mem_fraction_static / share})
+        return self.model_copy(update={"sglang": cfg})
+
+    def tokens_in_flight(self, token_budget: int) -> int:
+        return self.sglang.max_tokens_in_flight
+
     def engine_kwargs(self, info: ModelInfo) -> dict[str, Any]:
         """The ``sglang.Engine`` kwargs for this model and job, None values left out.
 

@@ -1,0 +1,109 @@
+"""Several embedding worker processes fed from one plan (``--workers`` on the CPU, the same
+code path as ``--gpus``): the same vectors as one process, each batch written once whatever
+dies, and a one-line error for GPUs that are not there."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from helpers.cli import ledger, run, start, wait_for_first_ack
+from helpers.jobs import small_job
+from helpers.rows import assert_same_store, stored_rows
+from pipeline.errors import ConfigError
+from pipeline.run.devices import Slot, parse_gpus, worker_slots
+
+
+def _counters_add_up(report: dict) -> None:
+    workers = report["workers"]
+    assert workers, "a multi-worker run reports its workers"
+    assert sum(w["tokens"] for w in workers) == report["tokens_embedded"]
+    assert sum(w["batches"] for w in workers) == report["batches_embedded"]
+    assert report["batches_embedded"] == report["batches"]  # a fresh run embeds every batch
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_n_workers_store_what_one_process_stores(tmp_path, reference, workers):
+    job = small_job(tmp_path, "parquet")
+    done = run(job, "--workers", str(workers), process=True, expect={0})
+    assert_same_store(stored_rows(job), reference["parquet"])
+    report = done.report
+    _counters_add_up(report)
+    assert [w["worker"] for w in report["workers"]] == [f"cpu{i}" for i in range(workers)]
+    assert sum(1 for w in report["workers"] if w["batches"]) >= 2, "the queue is shared"
+
+
+def test_a_killed_worker_is_replaced_and_its_batches_written_once(tmp_path, reference):
+    job = small_job(tmp_path)
+    done = run(job, "--workers", "2", process=True, fault="worker_after_embed@2:kill",
+               expect={0})
+    assert_same_store(stored_rows(job), reference["milvus"])  # same keys: none lost, none twice
+    report = done.report
+    assert [w["deaths"] for w in report["workers"]] == [1, 0]
+    assert report["vectors_written"] == len(reference["milvus"])
+    _counters_add_up(report)
+
+
+def test_a_killed_job_resumes_exactly_once(tmp_path, reference):
+    job = small_job(tmp_path)
+    run(job, "--workers", "2", process=True, fault="after_ack@3:kill", expect={-9})
+    acked = ledger(job)["vectors_written"]
+    assert 0 < acked < len(reference["milvus"])
+    done = run(job, "--workers", "2", process=True, expect={0})
+    assert_same_store(stored_rows(job), reference["milvus"])
+    assert done.report["vectors_written"] == len(reference["milvus"]) - acked  # only the rest
+
+
+def test_sigint_drains_every_worker_then_resumes(tmp_path, reference):
+    job = small_job(tmp_path, "parquet")
+    running = start(job, "--workers", "2")
+    wait_for_first_ack(running)
+    running.proc.send_signal(signal.SIGINT)
+    stopped = running.finish()
+    if stopped.exit_code == 0:
+        pytest.skip("the run finished before the signal landed")
+    assert stopped.exit_code == 130, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    run(job, "--workers", "2", process=True, expect={0})
+    assert_same_store(stored_rows(job), reference["parquet"])
+
+
+def test_out_of_memory_back_off_works_in_each_worker(tmp_path, reference):
+    job = small_job(tmp_path, "parquet")
+    done = run(job, "--workers", "2", process=True,
+               env={"EMBED_JOB_MEMORY_LIMIT_TOKENS": "300"}, expect={0})
+    assert_same_store(stored_rows(job), reference["parquet"], min_cos=0.999)
+    assert done.report["extra"]["safe_token_budget"] is not None
+
+
+def test_gpus_on_a_machine_without_them_is_one_line(tmp_path):
+    job = small_job(tmp_path)
+    done = run(job, "--gpus", "2", expect={2})
+    line, = [x for x in done.output.splitlines() if x.strip()]
+    assert "--gpus 2" in line and "no CUDA GPU" in line and "--workers" in line
+
+
+def test_worker_slots():
+    h200 = (2, "NVIDIA H200")
+    assert worker_slots(None, 1, "cpu") == [Slot(0, None, 1)]
+    assert worker_slots("all", 1, "auto", h200) == [Slot(0, 0, 1), Slot(1, 1, 1)]
+    assert worker_slots(1, 2, "cuda", h200) == [Slot(0, 0, 2), Slot(1, 0, 2)]
+    assert [s.label for s in worker_slots([1], 2, "auto", h200)] == ["gpu1.0", "gpu1.1"]
+    assert parse_gpus("0,1") == [0, 1] and parse_gpus(" all ") == "all" and parse_gpus("3") == 3
+    for gpus, message in [(4, "this machine has 2 GPU(s) (NVIDIA H200)"),
+                          ([0, 5], "GPU 5 is not there"), ([0, 0], "each GPU once")]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            worker_slots(gpus, 1, "auto", h200)
+    with pytest.raises(ConfigError, match="model.device cuda:1"):
+        worker_slots(2, 1, "cuda:1", h200)
+    with pytest.raises(ConfigError, match="expected 'all'"):
+        parse_gpus("two")
+
+
+def test_a_worker_env_keeps_multicast_off_and_names_its_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    env = Slot(1, 1, 1).env(threads=None)
+    assert env["CUDA_VISIBLE_DEVICES"] == "6"  # the parent's second visible GPU
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert Slot(0, None, 2).env(threads=1)["OMP_NUM_THREADS"] == "1"
