@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, as run on the device machine (H100), from the repository root:
 #
-#   bash bench/run_device.sh [transformers] [rss] [sglang | bf16 fp8 awq]
+#   bash bench/run_device.sh [transformers] [rss] [workers] [sglang | bf16 fp8 awq]
 #
 # Needs: the SGLang bundle (shared/sglang-device/, or a copy of its activate.sh and archive in
 # .sgl/, carried) for SGLang
@@ -60,6 +60,20 @@ case " $what " in *" rss "*)
     --copies "${BENCH_RSS_COPIES:-1,10}" --out "$OUT/rss.jsonl" > "$OUT/rss.log" 2>&1
   echo "rss rc=$? after $(( $(date +%s) - T0 ))s"
   tail -6 "$OUT/rss.log"
+  ;; esac
+
+# every GPU of the host: the command with --gpus 1 and --gpus all (GPU count: BENCH_GPUS, else
+# nvidia-smi); on one GPU, one engine in the run's process beside two workers sharing it
+case " $what " in *" workers "*)
+  gpus="${BENCH_GPUS:-$(nvidia-smi -L | grep -c '^GPU ')}"
+  variants="gpus=1,gpus=all"; [ "$gpus" -le 1 ] && variants="plain,gpus=1:workers=2"
+  for b in ${BENCH_WORKERS_BACKENDS:-sglang transformers}; do
+    run_group "${BENCH_LIMIT_WORKERS:-300}" python3 bench/cli_workers.py --backend "$b" \
+      --variants "${BENCH_VARIANTS:-$variants}" --copies "${BENCH_COPIES:-2}" --out "$OUT" \
+      --deadline "$(( ${BENCH_LIMIT_WORKERS:-300} - 20 ))" > "$OUT/workers-$b.log" 2>&1
+    echo "workers $b rc=$? after $(( $(date +%s) - T0 ))s"
+    grep "^RESULT" "$OUT/workers-$b.log" | cut -c1-600
+  done
   ;; esac
 
 modes=""

@@ -7,10 +7,10 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from helpers.cli import ledger, run, start, wait_for_first_ack
 from helpers.jobs import small_job
 from helpers.rows import assert_same_store, stored_rows
+
 from pipeline.errors import ConfigError
 from pipeline.run.devices import Slot, parse_gpus, worker_slots
 

@@ -63,6 +63,7 @@ class Executor:
     report: RunReport
     bar: Progress
     stop: StopRequest
+    rates: Callable[[], str] | None = None  # each worker's pace, shown beside the bar
     _unfit: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def run(self, windows: Iterator[int]) -> None:
@@ -81,6 +82,8 @@ class Executor:
             self.report.chunks_embedded += batch.table.num_rows
             self.report.tokens_embedded += batch.n_tokens
             self.bar.update(batch.n_tokens)
+            if self.rates is not None:
+                self.bar.set_postfix_str(self.rates())
         if self.stop.is_set():
             return
         feed.finished = True

@@ -23,6 +23,8 @@ class Progress(Protocol):
 
     def refresh(self) -> Any: ...
 
+    def set_postfix_str(self, s: str) -> Any: ...
+
     def close(self) -> Any: ...
 
 
@@ -48,6 +50,7 @@ class PlainProgress:
         self.desc, self.interval_s, self.emit, self.enabled = desc, interval_s, emit, enabled
         self.total = 0
         self.n = 0
+        self.postfix = ""  # e.g. each worker's rate
         self._t0 = self._last = time.monotonic()
 
     def update(self, n: int) -> None:
@@ -60,6 +63,9 @@ class PlainProgress:
     def refresh(self) -> None:
         """A new total is known; the next interval's line shows it."""
 
+    def set_postfix_str(self, s: str) -> None:
+        self.postfix = s
+
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self._t0, 1e-9)
         rate = self.n / elapsed
@@ -67,7 +73,7 @@ class PlainProgress:
         left = max(self.total - self.n, 0)
         eta = f", ETA {_duration(left / rate)}" if rate > 0 and self.total else ""
         return (f"{self.desc}: {self.n:,}/{self.total:,} tokens{share}, {rate:,.0f} tokens/s"
-                f"{eta}")
+                f"{eta}" + (f" [{self.postfix}]" if self.postfix else ""))
 
     def close(self) -> None:
         if self.enabled and self.n and time.monotonic() - self._t0 >= self.interval_s:

@@ -119,6 +119,15 @@ class RunReport:
         ]:
             lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge",
                       f"embed_job_{name}{{{label}}} {value}"]
+        for name, key, help_ in [
+            ("worker_tokens_per_second", "tokens_per_s", "one embedding worker's rate"),
+            ("worker_waited_for_plan_seconds", "waited_for_plan_s", "worker idle, no batch"),
+            ("worker_waited_for_sink_seconds", "waited_for_sink_s", "worker held up by the writer"),
+            ("worker_deaths", "deaths", "times the worker process died and was replaced"),
+        ] if self.workers else []:
+            lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge"]
+            lines += [f'embed_job_{name}{{{label},worker="{w["worker"]}"}} {w[key]}'
+                      for w in self.workers]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
     def summary(self) -> str:

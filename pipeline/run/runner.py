@@ -217,7 +217,8 @@ def _run_phases(ctx: JobContext, parts: _Parts, options: RunOptions, checkpoint:
         try:
             try:
                 windows = all_windows(known, planner, report, bar)
-                Executor(ctx, checkpoint, engine, writer, dead, report, bar, stop).run(windows)
+                Executor(ctx, checkpoint, engine, writer, dead, report, bar, stop,
+                         engine.rates if isinstance(engine, WorkerPool) else None).run(windows)
             finally:
                 parts.close(engine)
                 report.extra["engine_restarts"] = engine.restarts

@@ -100,7 +100,7 @@ class _Inbox:
 
     def __init__(self, tasks: Connection) -> None:
         self._queue: queue.Queue[Work | None] = queue.Queue()
-        self._ended = False
+        self._ended = self._started = False
         self.waited_s = 0.0
         threading.Thread(target=self._read, args=(tasks,), daemon=True).start()
 
@@ -120,9 +120,9 @@ class _Inbox:
         try:
             item = self._queue.get(timeout=timeout)
         finally:
-            if timeout is None:
+            if timeout is None and self._started:  # not the start-up wait for the first
                 self.waited_s += time.monotonic() - t
-        self._ended = item is None
+        self._ended, self._started = item is None, True
         return item
 
     def stream(self, first: Work) -> Iterator[Work]:

@@ -60,7 +60,8 @@ class WorkerStats:
         return self.tokens / self.embed_s if self.embed_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "tokens_per_s": round(self.tokens_per_s, 1)}
+        rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {**rounded, "tokens_per_s": round(self.tokens_per_s, 1)}
 
 
 @dataclass
@@ -101,6 +102,10 @@ class WorkerPool:
             self.close()
             raise
 
+    def rates(self) -> str:
+        """Each worker's pace, for the progress line."""
+        return " ".join(f"{s.worker} {s.tokens_per_s / 1000:,.1f}K/s" for s in self.stats)
+
     @property
     def restarts(self) -> int:
         return sum(s.deaths + s.engine_restarts for s in self.stats)
@@ -115,7 +120,8 @@ class WorkerPool:
         spec = WorkerSpec(self._make(slot), self._budget, self._ceiling, slot.label)
         task_r, task_w = _CTX.Pipe(duplex=False)
         res_r, res_w = _CTX.Pipe(duplex=False)
-        process = _CTX.Process(target=serve, name=f"embed-job-{slot.label}", daemon=True,
+        # not daemonic: an engine (SGLang) starts processes of its own; close() ends it
+        process = _CTX.Process(target=serve, name=f"embed-job-{slot.label}",
                                args=(env, pickle.dumps(spec), task_r, res_w))
         process.start()
         task_r.close()
@@ -137,13 +143,15 @@ class WorkerPool:
         exhausted = False
         done: deque[tuple[PlannedBatch, np.ndarray]] = deque()
         while True:
-            for w in self._workers:
-                while w.held_tokens < self._room and (again or not exhausted):
-                    batch = again.popleft() if again else next(source, None)
-                    if batch is None:
-                        exhausted = True
-                        break
-                    self._send(w, batch)
+            while again or not exhausted:  # one batch at a time to the least loaded worker
+                w = min(self._workers, key=lambda x: x.held_tokens)
+                if w.held_tokens >= self._room:
+                    break
+                batch = again.popleft() if again else next(source, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                self._send(w, batch)
             if exhausted and not again and not any(w.held for w in self._workers):
                 self._drained = True
                 return
@@ -153,6 +161,8 @@ class WorkerPool:
                 yield done.popleft()
 
     def _send(self, w: _Worker, batch: PlannedBatch) -> None:
+        if not w.held:  # its clock runs while it has work: idle time is not its pace
+            w.ready_at = time.monotonic()
         w.held[batch.batch_id] = batch
         w.held_tokens += batch.n_tokens
         w.tasks.send(to_work(batch))
