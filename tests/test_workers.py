@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from helpers.cli import ledger, run, start, wait_for_first_ack
+from helpers.cli import dead_letters, ledger, run, start, wait_for_first_ack
 from helpers.jobs import small_job
 from helpers.rows import assert_same_store, stored_rows
 
@@ -75,6 +75,21 @@ def test_out_of_memory_back_off_works_in_each_worker(tmp_path, reference):
                env={"EMBED_JOB_MEMORY_LIMIT_TOKENS": "300"}, expect={0})
     assert_same_store(stored_rows(job), reference["parquet"], min_cos=0.999)
     assert done.report["extra"]["safe_token_budget"] is not None
+
+
+def test_a_chunk_that_fits_no_worker_is_a_dead_letter_as_in_one_process(tmp_path):
+    """Chunks above the (simulated) device memory are dead letters, the same ones whichever
+    worker met them; the rest is stored."""
+    runs = {}
+    for workers in ("1", "2"):
+        job = small_job(tmp_path / workers, "parquet", max_dead_letter_ratio=None)
+        run(job, "--workers", workers, process=True,
+            env={"EMBED_JOB_MEMORY_LIMIT_TOKENS": "100"}, expect={0})
+        letters = {(d["doc_id"], d["chunk_index"]) for d in dead_letters(job)}
+        runs[workers] = (letters, stored_rows(job))
+    (one, stored_one), (two, stored_two) = runs["1"], runs["2"]
+    assert one and one == two
+    assert_same_store(stored_two, stored_one, min_cos=0.999)
 
 
 def test_gpus_on_a_machine_without_them_is_one_line(tmp_path):
