@@ -99,6 +99,16 @@ def test_gpus_on_a_machine_without_them_is_one_line(tmp_path):
     assert "--gpus 2" in line and "no CUDA GPU" in line and "--workers" in line
 
 
+def test_validate_names_gpus_the_machine_lacks(tmp_path):
+    from helpers.cli import invoke
+    from helpers.jobs import demo_docs, make_job
+
+    job = make_job(tmp_path, demo_docs(2), model={"device": "auto", "gpus": 2})
+    done = invoke("validate", str(job), "--offline")
+    assert done.exit_code == 2
+    assert "model.gpus 2: torch sees no CUDA GPU here; on the CPU, use --workers N" in done.output
+
+
 def test_worker_slots():
     h200 = (2, "NVIDIA H200")
     assert worker_slots(None, 1, "cpu") == [Slot(0, None, 1)]

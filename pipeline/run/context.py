@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.job.config import Job
 from pipeline.job.model_info import ModelInfo, read_model_info, resolve_model_dir
 from pipeline.plan.store import PlanStore
-from pipeline.run.devices import GpuSpec
+from pipeline.run.devices import GpuSpec, worker_slots
 from pipeline.state.checkpoint import Checkpoint, Mode, RunPlan
 from pipeline.state.sync_state import SyncState
 
@@ -48,6 +48,11 @@ def model_problems(job: Job, info: ModelInfo) -> list[str]:
     device = job.model.device_problem()
     if device:
         problems.append(device)
+    if job.model.gpus is not None:
+        try:
+            worker_slots(job.model.gpus, job.model.workers, job.model.device, key="model.gpus")
+        except ConfigError as e:
+            problems.append(str(e))
     return problems
 
 

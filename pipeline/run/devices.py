@@ -71,10 +71,11 @@ def gpu_count() -> tuple[int, str]:
 
 
 def worker_slots(gpus: GpuSpec | None, workers: int, device: str,
-                 found: tuple[int, str] | None = None) -> list[Slot]:
+                 found: tuple[int, str] | None = None, key: str = "--gpus") -> list[Slot]:
     """The run's workers; one slot with ``gpu=None`` and share 1 means "in this process".
 
-    ``found``: (GPU count, name), read from torch when not given.
+    ``found``: (GPU count, name), read from torch when not given. ``key``: where ``gpus``
+    came from, for the message (the option, or ``model.gpus`` in the job file).
     """
     if workers < 1:
         raise ConfigError(f"--workers {workers}: at least 1")
@@ -83,21 +84,21 @@ def worker_slots(gpus: GpuSpec | None, workers: int, device: str,
     n, name = found if found is not None else gpu_count()
     what = f"this machine has {n} GPU(s)" + (f" ({name})" if name else "")
     if n == 0:
-        raise ConfigError(f"--gpus {_spec(gpus)}: torch sees no CUDA GPU here; on the CPU, "
+        raise ConfigError(f"{key} {_spec(gpus)}: torch sees no CUDA GPU here; on the CPU, "
                           f"use --workers N")
     if device not in ("auto", "cuda"):
-        raise ConfigError(f"--gpus with model.device {device}: leave model.device at auto (or "
-                          f"cuda); --gpus picks the GPUs")
+        raise ConfigError(f"{key} with model.device {device}: leave model.device at auto (or "
+                          f"cuda); {key} picks the GPUs")
     if gpus == "all":
         chosen = list(range(n))
     elif isinstance(gpus, int):
         if gpus < 1 or gpus > n:
-            raise ConfigError(f"--gpus {gpus}: {what}")
+            raise ConfigError(f"{key} {gpus}: {what}")
         chosen = list(range(gpus))
     else:
         bad = [g for g in gpus if not 0 <= g < n]
         if bad or not gpus or len(set(gpus)) != len(gpus):
-            raise ConfigError(f"--gpus {_spec(gpus)}: " + (
+            raise ConfigError(f"{key} {_spec(gpus)}: " + (
                 f"GPU {bad[0]} is not there; {what}" if bad else
                 "each GPU once (use --workers K for K workers on each)"))
         chosen = list(gpus)

@@ -125,8 +125,10 @@ def run_job(job: Job, options: RunOptions, report: RunReport | None = None,
 def _run_locked(job: Job, options: RunOptions, report: RunReport, stop: StopRequest,
                 given: tuple[Embedder | None, Callable[[], Embedder] | None]) -> None:
     check_source(job.source, job.resolve)  # before the model: a typo in a path fails at once
-    slots = worker_slots(options.gpus if options.gpus is not None else job.model.gpus,
-                         options.workers or job.model.workers, job.model.device)
+    flag = options.gpus is not None
+    slots = worker_slots(options.gpus if flag else job.model.gpus,
+                         options.workers or job.model.workers, job.model.device,
+                         key="--gpus" if flag else "model.gpus")
     ctx = JobContext.load(job)
     parts = _Parts(ctx, slots, *given)
     report.fingerprint = ctx.fingerprint
