@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, as run on the device machine (H100), from the repository root:
 #
-#   bash bench/run_device.sh [transformers] [rss] [workers] [sglang | bf16 fp8 awq]
+#   bash bench/run_device.sh [transformers] [rss] [workers] [plan] [sglang | bf16 fp8 awq]
 #
 # Needs: the SGLang bundle (shared/sglang-device/, or a copy of its activate.sh and archive in
 # .sgl/, carried) for SGLang
-# and for pydantic; wheels in .whl/ for what the device lacks (datasets, multiprocess).
+# and for pydantic; wheels in .whl/ for what the device lacks (datasets, multiprocess). plan
+# needs no GPU nor SGLang: .bench-data/ (bench/plan_corpus.py, carried) and pydantic's wheels.
 # Writes setup.log, transformers.log, sglang.log, results.jsonl and table.md to $OUT
 # (default bench/out) and prints the table last.
 set -u
@@ -60,6 +61,16 @@ case " $what " in *" rss "*)
     --copies "${BENCH_RSS_COPIES:-1,10}" --out "$OUT/rss.jsonl" > "$OUT/rss.log" 2>&1
   echo "rss rc=$? after $(( $(date +%s) - T0 ))s"
   tail -6 "$OUT/rss.log"
+  ;; esac
+
+# the planner alone, by process count: read + tokenize + chunk + plan written, real zh/en text
+# and the real Qwen3 tokenizer (carry .bench-data); one JSON line each in plan.jsonl
+case " $what " in *" plan "*)
+  run_group "${BENCH_LIMIT_PLAN:-540}" python3 bench/plan_bench.py --data .bench-data \
+    --processes "${BENCH_PLAN_PROCESSES:-1,4,8,16}" --tokens "${BENCH_PLAN_TOKENS:-50e6}" \
+    --out "$OUT/plan.jsonl" > "$OUT/plan.log" 2>&1
+  echo "plan rc=$? after $(( $(date +%s) - T0 ))s"
+  grep "^\[bench" "$OUT/plan.log" | tail -6
   ;; esac
 
 # every GPU of the host: the command with --gpus 1 and --gpus all (GPU count: BENCH_GPUS, else

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 from helpers.cli import dead_letters, ledger, run, start, wait_for_first_ack
-from helpers.jobs import small_job
+from helpers.jobs import SMALL, small_job
 from helpers.rows import assert_same_store, stored_rows
 
 from pipeline.errors import ConfigError
@@ -32,6 +32,13 @@ def test_n_workers_store_what_one_process_stores(tmp_path, reference, workers):
     _counters_add_up(report)
     assert [w["worker"] for w in report["workers"]] == [f"cpu{i}" for i in range(workers)]
     assert sum(1 for w in report["workers"] if w["batches"]) >= 2, "the queue is shared"
+
+
+def test_a_run_planned_by_several_processes_stores_the_same(tmp_path, reference):
+    job = small_job(tmp_path, "parquet",
+                    batching={**SMALL["batching"], "planner_processes": 2})
+    run(job, "--workers", "2", process=True, expect={0})
+    assert_same_store(stored_rows(job), reference["parquet"])
 
 
 def test_a_killed_worker_is_replaced_and_its_batches_written_once(tmp_path, reference):

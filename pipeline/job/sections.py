@@ -96,6 +96,9 @@ class BatchingConfig(Strict):
     first_window: int = Field(
         256, gt=0, description="chunks in the first plan window: small, so the engine gets its "
         "first batch while the rest of the corpus is still being planned")
+    planner_processes: int | Literal["auto"] = Field(
+        "auto", description="processes that tokenize and chunk (the plan is the same for any "
+        "number); auto: 1 in the run's process, 2 per GPU worker with --gpus")
 
 
 class SyncConfig(Strict):

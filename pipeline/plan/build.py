@@ -1,9 +1,11 @@
 """Phase one of a run: read, chunk and write the plan, window by window.
 
 Runs in its own thread so the executor can embed window N while window N+1 is being
-tokenized. Resumes after the last window on disk: ``verify_prefix`` reads the documents the
-plan already holds again and compares each one (id and content hash) with the plan's own
-records, so a source that changed under an unfinished plan is noticed, never misaligned.
+tokenized; with ``processes`` > 1 the tokenizing itself runs in worker processes
+(``pipeline.plan.parallel``) and everything else stays here, in document order. Resumes
+after the last window on disk: ``verify_prefix`` reads the documents the plan already holds
+again and compares each one (id and content hash) with the plan's own records, so a source
+that changed under an unfinished plan is noticed, never misaligned.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import itertools
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +25,16 @@ from pipeline.faults import fault_point
 from pipeline.job.sections import BatchingConfig
 from pipeline.keys import chunk_pk
 from pipeline.plan.batching import PlanRow, WindowBuilder, WindowStats
+from pipeline.plan.parallel import ChunkPool, Lookup, Planned, RowsOf, read_ahead
 from pipeline.plan.store import PlanStore
-from pipeline.records import DUPLICATE, SKIPPED_UNCHANGED, UNREADABLE, DeadLetter, Document
+from pipeline.records import (
+    DUPLICATE,
+    SKIPPED_UNCHANGED,
+    UNREADABLE,
+    Chunk,
+    DeadLetter,
+    Document,
+)
 
 
 class SeenIds:
@@ -39,16 +49,24 @@ class SeenIds:
         return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"),
                                               digest_size=8).digest(), "little")
 
+    def _sealed(self, h: int) -> bool:
+        i = np.searchsorted(self._sorted, np.uint64(h))
+        return bool(i < len(self._sorted) and self._sorted[i] == h)
+
     def first_seen(self, doc: Document) -> str | None:
         """Where this id was seen before (a source, or 'an earlier window'), else None."""
         h = self._hash(doc.doc_id)
         if h in self._window:
             return self._window[h]
-        i = np.searchsorted(self._sorted, np.uint64(h))
-        if i < len(self._sorted) and self._sorted[i] == h:
+        if self._sealed(h):
             return "an earlier window"
         self._window[h] = doc.source
         return None
+
+    def holds(self, doc_id: str) -> bool:
+        """Whether the id was seen before, without recording it."""
+        h = self._hash(doc_id)
+        return h in self._window or self._sealed(h)
 
     def add_ids(self, doc_ids: Iterator[str]) -> None:
         new = np.fromiter((self._hash(d) for d in doc_ids), dtype=np.uint64)
@@ -69,10 +87,24 @@ class RejectedRows:
 
     dead_letter: Callable[[DeadLetter], None]
     letters: list[DeadLetter] = field(default_factory=list)
+    # while documents are read ahead of planning (several processes): letters not yet due
+    held: list[DeadLetter] | None = None
 
     def __call__(self, letter: DeadLetter) -> None:
-        self.dead_letter(letter)
-        self.letters.append(letter)
+        if self.held is not None:
+            self.held.append(letter)
+        else:
+            self.deliver([letter])
+
+    def deliver(self, letters: list[DeadLetter]) -> None:
+        """Letters whose rows' turn has come."""
+        for letter in letters:
+            self.dead_letter(letter)
+            self.letters.append(letter)
+
+    def take_held(self) -> list[DeadLetter]:
+        held, self.held = self.held or [], []
+        return held
 
     def take(self) -> tuple[list[str], int]:
         """The window's (ids of named rows, count of unnamed rows); the next window starts."""
@@ -125,9 +157,9 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
                batching: BatchingConfig, fingerprint: str, store_text: bool,
                dead_letter: Callable[[DeadLetter], None], on_window: Callable[[WindowStats], None],
                limit: int | None = None, stop: threading.Event | None = None,
-               unchanged: Callable[[str, str], bool] | None = None,
-               on_bad_row: str = "dead_letter", rejected: RejectedRows | None = None,
-               max_id_bytes: int | None = None) -> None:
+               unchanged: Lookup | None = None, on_bad_row: str = "dead_letter",
+               rejected: RejectedRows | None = None, max_id_bytes: int | None = None,
+               processes: int = 1) -> None:
     """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted;
     the store's manifest says which.
 
@@ -136,7 +168,10 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
     already holds is recorded as skipped without being tokenized. A duplicate id is a bad
     row: dead-lettered, or an InputError with ``on_bad_row="error"``. ``rejected`` is the
     callback the reader reports its bad rows to. ``max_id_bytes``: the destination's limit
-    on a document id (a longer one is a bad row, not a failed batch).
+    on a document id (a longer one is a bad row, not a failed batch). ``processes`` > 1:
+    documents are chunked in that many worker processes, ahead of their turn (``unchanged``
+    too is asked ahead, still in this thread and in document order); the plan and the dead
+    letters are the same as with one.
     """
     def dead_or_raise(letter: DeadLetter) -> None:
         if on_bad_row == "error":
@@ -165,43 +200,68 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
         on_window(stats)
         window = WindowBuilder(window=stats.window + 1, doc_start=stats.doc_end)
 
+    def chunk_rows(doc: Document, doc_hash: str) -> list[PlanRow] | DeadLetter:
+        chunks = chunker.chunk(doc)
+        return chunks if isinstance(chunks, DeadLetter) else \
+            _rows(doc, doc_hash, chunks, fingerprint, store_text)
+
+    planned: Generator[Planned, None, None]
+    pool = None
+    if processes > 1:
+        pool = ChunkPool(chunker, fingerprint, processes)
+        if rejected is not None:
+            rejected.held = []  # the reader's letters wait for their rows' turn
+        planned = read_ahead(docs, pool, store_text, seen.holds, unchanged, max_id_bytes,
+                             rejected.take_held if rejected is not None else list,
+                             rejected.deliver if rejected is not None else lambda _: None,
+                             remaining, stop)
+    else:
+        planned = ((doc, None, unchanged, chunk_rows) for doc in docs)
     exhausted = True
-    for doc in docs:
-        if stop is not None and stop.is_set():
-            return
-        if remaining is not None and remaining <= 0:
-            exhausted = False
-            break
-        if remaining is not None:
-            remaining -= 1
-        fault_point("after_read")
-        window.add(*_plan_doc(doc, chunker, seen, fingerprint, store_text, dead_letter,
-                              dead_or_raise, unchanged, max_id_bytes))
-        fault_point("after_chunk")
-        # documents skipped as unchanged cost no rows, so bound the window by documents too
-        size = min(batching.first_window, batching.sort_window) if window.window == 0 \
-            else batching.sort_window
-        if (len(window.rows) >= size or window.tokens >= batching.window_tokens
-                or window.docs >= 4 * size):
-            flush()
+    finished = False  # every document read was planned: no worker is busy
+    try:
+        for doc, doc_hash, lookup, rows_of in planned:
+            if stop is not None and stop.is_set():
+                return
+            if remaining is not None and remaining <= 0:
+                exhausted = False
+                break
+            if remaining is not None:
+                remaining -= 1
+            fault_point("after_read")
+            window.add(*_plan_doc(doc, doc_hash, seen, dead_letter, dead_or_raise, lookup,
+                                  max_id_bytes, rows_of))
+            fault_point("after_chunk")
+            # documents skipped as unchanged cost no rows, so bound the window by documents too
+            size = min(batching.first_window, batching.sort_window) if window.window == 0 \
+                else batching.sort_window
+            if (len(window.rows) >= size or window.tokens >= batching.window_tokens
+                    or window.docs >= 4 * size):
+                flush()
+        finished = exhausted
+    finally:
+        planned.close()
+        if pool is not None:
+            pool.close(finished)
+        if rejected is not None:
+            rejected.held = None  # letters of rows read past the end of planning: never due
     if window.docs or (rejected is not None and rejected.letters):
         flush()
     if exhausted:
         store.mark_complete()
 
 
-def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
-              store_text: bool, dead_letter: Callable[[DeadLetter], None],
-              bad_row: Callable[[DeadLetter], None],
-              unchanged: Callable[[str, str], bool] | None, max_id_bytes: int | None = None
+def _plan_doc(doc: Document, doc_hash: str | None, seen: SeenIds,
+              dead_letter: Callable[[DeadLetter], None], bad_row: Callable[[DeadLetter], None],
+              unchanged: Lookup | None, max_id_bytes: int | None, rows_of: RowsOf
               ) -> tuple[list[PlanRow], tuple[str, str, int]]:
     """A document's plan rows and its record; duplicates and unchunkable ones go to the dead
-    letters.
+    letters. ``doc_hash``: the content hash, if already computed.
 
     Every document counts towards the window's document range, embedded or not, so that
     resume offsets stay in step with the reader.
     """
-    doc_hash = doc.content_hash
+    doc_hash = doc_hash or doc.content_hash
     first = seen.first_seen(doc)
     if first is not None:
         # the first occurrence owns the id: this one leaves no record that could override it
@@ -215,15 +275,19 @@ def _plan_doc(doc: Document, chunker: Chunker, seen: SeenIds, fingerprint: str,
         return [], (doc.doc_id, doc_hash, 0)
     if unchanged is not None and unchanged(doc.doc_id, doc_hash):
         return [], (doc.doc_id, doc_hash, SKIPPED_UNCHANGED)
-    chunks = chunker.chunk(doc)
-    if isinstance(chunks, DeadLetter):
-        dead_letter(chunks)
+    rows = rows_of(doc, doc_hash)
+    if isinstance(rows, DeadLetter):
+        dead_letter(rows)
         return [], (doc.doc_id, doc_hash, 0)
+    return rows, (doc.doc_id, doc_hash, len(rows))
+
+
+def _rows(doc: Document, doc_hash: str, chunks: list[Chunk], fingerprint: str,
+          store_text: bool) -> list[PlanRow]:
     metadata = json.dumps(doc.metadata, ensure_ascii=False, default=str)
-    rows = [PlanRow(pk=chunk_pk(fingerprint, doc.doc_id, c.chunk_index), doc_id=doc.doc_id,
+    return [PlanRow(pk=chunk_pk(fingerprint, doc.doc_id, c.chunk_index), doc_id=doc.doc_id,
                     chunk_index=c.chunk_index, start=c.start, end=c.end,
                     token_ids=np.asarray(c.token_ids, dtype=np.int32), doc_hash=doc_hash,
                     text=doc.text[c.start:c.end] if store_text else None, metadata=metadata,
                     source=doc.source)
             for c in chunks]
-    return rows, (doc.doc_id, doc_hash, len(rows))

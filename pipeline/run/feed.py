@@ -30,10 +30,11 @@ class Planner(StageThread):
 
     def __init__(self, ctx: JobContext, docs: Iterator[Document], rejected: RejectedRows,
                  dead: DeadLetterFile, limit: int | None,
-                 unchanged: Callable[[str, str], bool] | None) -> None:
+                 unchanged: Callable[[str, str], bool] | None, processes: int = 1) -> None:
         super().__init__()
         self.ctx, self.docs, self.rejected = ctx, docs, rejected
         self.dead, self.limit, self.unchanged = dead, limit, unchanged
+        self.processes = processes
         self.windows: queue.Queue = queue.Queue()
         self.stop = threading.Event()
 
@@ -44,7 +45,7 @@ class Planner(StageThread):
                    self.ctx.fingerprint, job.sink.store_text, self.dead, self.windows.put,
                    self.limit, self.stop, unchanged=self.unchanged,
                    on_bad_row=job.source.on_bad_row, rejected=self.rejected,
-                   max_id_bytes=job.sink.doc_id_limit())
+                   max_id_bytes=job.sink.doc_id_limit(), processes=self.processes)
         self.windows.put(_DONE)
 
     def after_failure(self, error: BaseException) -> None:

@@ -23,7 +23,7 @@ from pipeline.job.sections import SinkSettings
 from pipeline.plan.build import RejectedRows
 from pipeline.readers import check_source, read_documents, source_files
 from pipeline.run.context import JobContext, RunOptions
-from pipeline.run.devices import Slot, in_process, worker_slots
+from pipeline.run.devices import Slot, in_process, planner_processes, worker_slots
 from pipeline.run.execute import Executor
 from pipeline.run.feed import Planner, all_windows, count_window
 from pipeline.run.ownership import check_destination, check_identity, check_target
@@ -207,7 +207,9 @@ def _run_phases(ctx: JobContext, parts: _Parts, options: RunOptions, checkpoint:
             store.start(None if files is None else
                         [os.path.relpath(f, job.base_dir) for f in files])
             planner = Planner(ctx, docs, rejected, dead, options.limit,
-                              sync.unchanged if plan.skip_unchanged else None).start()
+                              sync.unchanged if plan.skip_unchanged else None,
+                              planner_processes(job.batching.planner_processes, parts.slots)
+                              ).start()
         stop.check()
         t_model = time.monotonic()
         engine = parts.engine(SafeBudget(checkpoint.safe_token_budget,
