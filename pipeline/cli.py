@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 import click
 import yaml
 
+from pipeline.commands.search import search
 from pipeline.errors import (
     EXIT_BAD_INPUT,
     EXIT_NOTHING_TO_DO,
@@ -341,6 +342,8 @@ def job_template(**choices: str) -> str:
             lines.append(line)
     return "".join(lines)
 
+
+main.add_command(search)
 
 if __name__ == "__main__":
     main()

@@ -162,6 +162,35 @@ class Generations(ABC):
         """Make the target what readers see, atomically. Idempotent."""
 
 
+@dataclass(frozen=True)
+class Hit:
+    """One search result: a chunk of the live generation, its score (higher is nearer, as
+    the destination's metric gives it), its text when the sink stores it."""
+
+    doc_id: str
+    chunk_index: int
+    score: float
+    text: str | None = None
+
+
+class Searchable(ABC):
+    """The live generation as readers query it (``embed-job search``)."""
+
+    @abstractmethod
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """The ``k`` nearest chunks of each unit-length vector, best first, in the generation
+        readers see now; a SinkError when nothing is published."""
+
+
+def top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
+    """Row by row, the indexes of the ``k`` highest scores, highest first (exact search)."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return [np.empty(0, np.int64) for _ in range(scores.shape[0])]
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return [row[np.argsort(-scores[i, row], kind="stable")] for i, row in enumerate(part)]
+
+
 class Destination(Sink, Generations):
     """A sink writing one generation of a destination: what a sink kind's settings make
     (``SinkSettings.make``) and what a run drives, in the order the module says."""

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.errors import SinkError
 from pipeline.job.sections import SinkSettings
 from pipeline.records import HASH_BUCKETS
-from pipeline.sinks.base import Destination, GenerationMark, VectorBatch
+from pipeline.sinks.base import Destination, GenerationMark, Hit, Searchable, VectorBatch, top_k
 from pipeline.sinks.fields import columns
 
 
@@ -86,7 +86,7 @@ class MemorySinkConfig(SinkSettings):
         return MemorySink(target, alias=alias, store_text=self.store_text, mark=mark)
 
 
-class MemorySink(Destination):
+class MemorySink(Destination, Searchable):
     """Generation ``target`` of ``STORE``: every write is durable (acknowledged) at once."""
 
     def __init__(self, target: str, *, alias: str | None = None, store_text: bool = True,
@@ -173,6 +173,17 @@ class MemorySink(Destination):
         if name in self.store.aliases.values():
             raise SinkError(f"memory: generation {name!r} has an alias; not dropped")
         self.store.generations.pop(name, None)
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        live = self.live()
+        if live is None or live not in self.store.generations:
+            raise SinkError(f"memory alias {self.alias!r}: nothing published yet")
+        rows = list(self.store.generations[live].rows.values())
+        if not rows:
+            return [[] for _ in vectors]
+        scores = vectors @ np.stack([r.vector for r in rows]).T
+        return [[Hit(rows[i].doc_id, rows[i].chunk_index, float(scores[q, i]), rows[i].text)
+                 for i in best.tolist()] for q, best in enumerate(top_k(scores, k))]
 
     @property
     def _where(self) -> str:

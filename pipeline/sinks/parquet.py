@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,7 +27,7 @@ from pipeline.atomic import TEMP_SUFFIX, atomic_path, atomic_write_bytes
 from pipeline.errors import SinkError
 from pipeline.job.sections import SinkSettings
 from pipeline.records import HASH_BUCKETS, window_of
-from pipeline.sinks.base import Destination, GenerationMark, VectorBatch
+from pipeline.sinks.base import Destination, GenerationMark, Hit, Searchable, VectorBatch
 from pipeline.sinks.fields import columns
 from pipeline.sinks.parquet_file import PartFile, link_or_copy
 from pipeline.sinks.paths import blocked, nearest_existing
@@ -109,7 +110,7 @@ class ParquetSinkConfig(SinkSettings):
                            mark=mark)
 
 
-class ParquetSink(Destination):
+class ParquetSink(Destination, Searchable):
     """Vectors into a directory of Parquet files of about ``rows_per_file`` rows each.
 
     A file is written row group by row group to a temp file and renamed to its deterministic
@@ -234,6 +235,14 @@ class ParquetSink(Destination):
     def live(self) -> str | None:
         current = current_version(self.root)
         return current.name if current is not None else None
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        from pipeline.sinks.parquet_search import search_version
+
+        current = current_version(self.root)
+        if current is None:
+            raise SinkError(f"{self.root}: nothing published yet ({CURRENT} is missing)")
+        return search_version(current, vectors, k, self.store_text)
 
     def exists(self, name: str) -> bool:
         return (self.root / name).is_dir()

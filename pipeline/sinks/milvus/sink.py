@@ -16,12 +16,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pymilvus import MilvusClient
 
 from pipeline.errors import SinkError
 from pipeline.records import HASH_BUCKETS
 from pipeline.secrets import mask_uri
-from pipeline.sinks.base import Destination, GenerationMark, VectorBatch
+from pipeline.sinks.base import Destination, GenerationMark, Hit, Searchable, VectorBatch
 from pipeline.sinks.fields import columns
 from pipeline.sinks.milvus import IndexConfig, TLSConfig, schema
 from pipeline.sinks.milvus.client import MilvusConnection
@@ -29,7 +30,7 @@ from pipeline.sinks.milvus.client import MilvusConnection
 _DELETE_CHUNK = 500  # doc ids per delete: keeps each filter expression small
 
 
-class MilvusSink(MilvusConnection, Destination):
+class MilvusSink(MilvusConnection, Destination, Searchable):
     """Vectors into one Milvus collection, created with an explicit schema when missing."""
 
     def __init__(self, uri: str | Path, collection: str, *, token: str | None = None,
@@ -164,6 +165,27 @@ class MilvusSink(MilvusConnection, Destination):
                     yield row["doc_id"], int(row["chunk_index"]), row["doc_hash"]
         finally:
             it.close()
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Through the index, on the collection the alias points at now (loaded first: a
+        reopened Lite db starts released)."""
+        name = self.live()
+        if name is None:
+            raise SinkError(f"milvus {mask_uri(self.uri)}: alias {self.alias!r} does not exist: "
+                            f"nothing published yet")
+        client = self.connect()
+        self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+        kind = self.index.type.upper()
+        params = ({"params": {"ef": max(k, 64)}} if kind.startswith("HNSW")
+                  else {"params": {"nprobe": 16}} if kind.startswith("IVF") else {})
+        fields = ["doc_id", "chunk_index"] + (["text"] if self.store_text else [])
+        res = self._call("search", client.search, name, data=vectors.tolist(), limit=k,
+                         output_fields=fields, search_params=params,
+                         consistency_level="Strong", timeout=self.timeout)
+        sign = -1.0 if self.index.metric == "L2" else 1.0  # a distance: nearer is smaller
+        return [[Hit(h["entity"]["doc_id"], int(h["entity"]["chunk_index"]),
+                     sign * float(h["distance"]), h["entity"].get("text")) for h in hits]
+                for hits in res]
 
     def drop(self, name: str) -> None:
         """Drop a collection this job recorded creating; never one an alias points at (Lite

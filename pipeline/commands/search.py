@@ -1,0 +1,88 @@
+"""``embed-job search JOB "query"``: the query embedded exactly as queries must be for this
+model (the job's tokenizer and special tokens, ``model.query_instruction`` around it, which
+documents never get), then the nearest chunks of what readers see now."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline.chunking import ModelTokenizer
+from pipeline.embedders.matryoshka import truncate_and_normalize
+from pipeline.errors import ConfigError, JobError
+from pipeline.job.config import Job
+from pipeline.job.load import load_job
+from pipeline.run.context import check_sink, load_model_info
+from pipeline.sinks.base import Hit, Searchable
+
+SNIPPET = 240  # characters of a chunk's text shown (the whole text with --json)
+
+
+def embed_queries(job: Job, texts: list[str]) -> np.ndarray:
+    """The queries' vectors as the index's: same model, pooling, dimension, normalization."""
+    info = load_model_info(job)
+    tokenizer = ModelTokenizer.from_model_dir(info.path, job.model.pooling_for(info))
+    limit = job.model.max_context(info)
+    ids = [tokenizer.query_ids(t, job.model.query_instruction) for t in texts]
+    for text, seq in zip(texts, ids):
+        if len(seq) > limit:
+            raise ConfigError(f"query {text[:40]!r}...: {len(seq)} tokens, the model takes at "
+                              f"most {limit}")
+    with job.model.make(info, tokenizer.pad_id) as embedder:
+        raw = embedder.embed_batch(ids)
+    return truncate_and_normalize(raw, job.model.dimension, job.model.normalize)
+
+
+def search_live(job: Job, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    """The ``k`` nearest chunks of each vector in the live generation."""
+    check_sink(job)
+    local = job.sink.local_path(job.resolve)
+    if local is not None and not local.exists():
+        raise JobError(f"{job.source_file}: {job.sink.where_key}: {local} does not exist: "
+                       f"nothing published yet (run the job first)")
+    sink = job.sink.make(job.resolve, job.collection_name, job.collection_name)
+    try:
+        if not isinstance(sink, Searchable):
+            raise JobError(f"{job.source_file}: sink.kind {job.sink.kind}: this sink cannot be "
+                           f"searched")
+        return sink.search(vectors, k)
+    finally:
+        sink.close()
+
+
+@click.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("query")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many chunks to show.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
+def search(job_file: Path, query: str, k: int, as_json: bool) -> None:
+    """Search what readers see now with QUERY, embedded as this job's queries must be.
+
+    Prints the nearest chunks, best first: score (the destination's metric; higher is
+    nearer), document id, chunk index, and the start of the chunk's text.
+    """
+    try:
+        job = load_job(job_file)
+        hits = search_live(job, embed_queries(job, [query]), k)[0]
+    except JobError as e:
+        for line in str(e).splitlines():
+            click.echo(f"error: {line}", err=True)
+        sys.exit(e.exit_code)
+    for rank, hit in enumerate(hits, 1):
+        if as_json:
+            click.echo(json.dumps({"rank": rank, "doc_id": hit.doc_id,
+                                   "chunk_index": hit.chunk_index,
+                                   "score": round(hit.score, 6), "text": hit.text},
+                                  ensure_ascii=False))
+            continue
+        text = " ".join((hit.text or "").split())
+        snippet = text[:SNIPPET] + ("..." if len(text) > SNIPPET else "")
+        click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.doc_id}#{hit.chunk_index}"
+                   + (f"  {snippet}" if snippet else ""))
+    if not hits:
+        click.echo("no chunks: the live generation is empty", err=True)
