@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 import click
 import yaml
 
+from pipeline.commands.audit import audit_command
 from pipeline.commands.search import search
 from pipeline.errors import (
     EXIT_BAD_INPUT,
@@ -344,6 +345,7 @@ def job_template(**choices: str) -> str:
 
 
 main.add_command(search)
+main.add_command(audit_command)
 
 if __name__ == "__main__":
     main()

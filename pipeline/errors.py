@@ -15,6 +15,7 @@ EXIT_OTHER_CONFIGURATION = 3  # FingerprintMismatch
 EXIT_LOCKED = 4  # JobLocked
 EXIT_NOTHING_TO_DO = 5
 EXIT_UNAVAILABLE = 6  # TransientError after every retry
+EXIT_AUDIT_MISMATCH = 7  # `embed-job audit`: the index differs from the source
 EXIT_SIGNAL_BASE = 128  # Interrupted: 128 + the signal (130 SIGINT, 143 SIGTERM)
 
 

@@ -17,6 +17,7 @@ from pipeline.errors import ConfigError, JobError
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
 from pipeline.run.context import check_sink, load_model_info
+from pipeline.secrets import quiet_client_logs
 from pipeline.sinks.base import Hit, Searchable
 
 SNIPPET = 240  # characters of a chunk's text shown (the whole text with --json)
@@ -49,7 +50,8 @@ def search_live(job: Job, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         if not isinstance(sink, Searchable):
             raise JobError(f"{job.source_file}: sink.kind {job.sink.kind}: this sink cannot be "
                            f"searched")
-        return sink.search(vectors, k)
+        with quiet_client_logs():  # after make(): importing pymilvus resets its loggers
+            return sink.search(vectors, k)
     finally:
         sink.close()
 

@@ -173,13 +173,33 @@ class Hit:
     text: str | None = None
 
 
+@dataclass
+class ScannedRows:
+    """A batch of the live generation's rows as ``embed-job audit`` checks them."""
+
+    pks: list[str]
+    doc_ids: list[str]
+    chunk_indexes: list[int]
+    doc_hashes: list[str]
+    norms: np.ndarray  # each vector's L2 norm (NaN or inf when it is not finite)
+
+
 class Searchable(ABC):
-    """The live generation as readers query it (``embed-job search``)."""
+    """The live generation as readers query it (``embed-job search``, ``embed-job audit``)."""
 
     @abstractmethod
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """The ``k`` nearest chunks of each unit-length vector, best first, in the generation
         readers see now; a SinkError when nothing is published."""
+
+    @abstractmethod
+    def scan(self) -> Iterator[ScannedRows]:
+        """Every row of the generation readers see now, batch by batch (bounded memory)."""
+
+
+def norms(vectors: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.sqrt(np.einsum("ij,ij->i", vectors.astype(np.float64), vectors))
 
 
 def top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:

@@ -20,7 +20,16 @@ import numpy as np
 from pipeline.errors import SinkError
 from pipeline.job.sections import SinkSettings
 from pipeline.records import HASH_BUCKETS
-from pipeline.sinks.base import Destination, GenerationMark, Hit, Searchable, VectorBatch, top_k
+from pipeline.sinks.base import (
+    Destination,
+    GenerationMark,
+    Hit,
+    ScannedRows,
+    Searchable,
+    VectorBatch,
+    norms,
+    top_k,
+)
 from pipeline.sinks.fields import columns
 
 
@@ -174,11 +183,22 @@ class MemorySink(Destination, Searchable):
             raise SinkError(f"memory: generation {name!r} has an alias; not dropped")
         self.store.generations.pop(name, None)
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def _live_rows(self) -> dict[str, StoredRow]:
         live = self.live()
         if live is None or live not in self.store.generations:
             raise SinkError(f"memory alias {self.alias!r}: nothing published yet")
-        rows = list(self.store.generations[live].rows.values())
+        return self.store.generations[live].rows
+
+    def scan(self) -> Iterator[ScannedRows]:
+        rows = self._live_rows()
+        if rows:
+            yield ScannedRows(list(rows), [r.doc_id for r in rows.values()],
+                              [r.chunk_index for r in rows.values()],
+                              [r.doc_hash for r in rows.values()],
+                              norms(np.stack([r.vector for r in rows.values()])))
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        rows = list(self._live_rows().values())
         if not rows:
             return [[] for _ in vectors]
         scores = vectors @ np.stack([r.vector for r in rows]).T

@@ -27,7 +27,14 @@ from pipeline.atomic import TEMP_SUFFIX, atomic_path, atomic_write_bytes
 from pipeline.errors import SinkError
 from pipeline.job.sections import SinkSettings
 from pipeline.records import HASH_BUCKETS, window_of
-from pipeline.sinks.base import Destination, GenerationMark, Hit, Searchable, VectorBatch
+from pipeline.sinks.base import (
+    Destination,
+    GenerationMark,
+    Hit,
+    ScannedRows,
+    Searchable,
+    VectorBatch,
+)
 from pipeline.sinks.fields import columns
 from pipeline.sinks.parquet_file import PartFile, link_or_copy
 from pipeline.sinks.paths import blocked, nearest_existing
@@ -239,10 +246,18 @@ class ParquetSink(Destination, Searchable):
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         from pipeline.sinks.parquet_search import search_version
 
+        return search_version(self._published(), vectors, k, self.store_text)
+
+    def scan(self) -> Iterator[ScannedRows]:
+        from pipeline.sinks.parquet_search import scan_version
+
+        return scan_version(self._published())
+
+    def _published(self) -> Path:
         current = current_version(self.root)
         if current is None:
             raise SinkError(f"{self.root}: nothing published yet ({CURRENT} is missing)")
-        return search_version(current, vectors, k, self.store_text)
+        return current
 
     def exists(self, name: str) -> bool:
         return (self.root / name).is_dir()

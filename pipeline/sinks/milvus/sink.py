@@ -22,7 +22,15 @@ from pymilvus import MilvusClient
 from pipeline.errors import SinkError
 from pipeline.records import HASH_BUCKETS
 from pipeline.secrets import mask_uri
-from pipeline.sinks.base import Destination, GenerationMark, Hit, Searchable, VectorBatch
+from pipeline.sinks.base import (
+    Destination,
+    GenerationMark,
+    Hit,
+    ScannedRows,
+    Searchable,
+    VectorBatch,
+    norms,
+)
 from pipeline.sinks.fields import columns
 from pipeline.sinks.milvus import IndexConfig, TLSConfig, schema
 from pipeline.sinks.milvus.client import MilvusConnection
@@ -166,15 +174,35 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         finally:
             it.close()
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Through the index, on the collection the alias points at now (loaded first: a
-        reopened Lite db starts released)."""
+    def _published(self) -> str:
+        """The collection the alias points at now, loaded (a reopened Lite db starts
+        released)."""
         name = self.live()
         if name is None:
             raise SinkError(f"milvus {mask_uri(self.uri)}: alias {self.alias!r} does not exist: "
                             f"nothing published yet")
         client = self.connect()
         self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+        return name
+
+    def scan(self) -> Iterator[ScannedRows]:
+        name, client = self._published(), self.connect()
+        what = f"query of {name!r}"
+        it = self._call(what, client.query_iterator, name, batch_size=2000, filter="",
+                        output_fields=["pk", "doc_id", "chunk_index", "doc_hash", "vector"],
+                        consistency_level="Strong", timeout=self.timeout)
+        try:
+            while rows := self._call(what, it.next):
+                yield ScannedRows([r["pk"] for r in rows], [r["doc_id"] for r in rows],
+                                  [int(r["chunk_index"]) for r in rows],
+                                  [r["doc_hash"] for r in rows],
+                                  norms(np.asarray([r["vector"] for r in rows], np.float32)))
+        finally:
+            it.close()
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Through the index, on the collection the alias points at now."""
+        name, client = self._published(), self.connect()
         kind = self.index.type.upper()
         params = ({"params": {"ef": max(k, 64)}} if kind.startswith("HNSW")
                   else {"params": {"nprobe": 16}} if kind.startswith("IVF") else {})
