@@ -82,6 +82,7 @@ def main() -> None:
       4    another run of this job holds the lock
       5    nothing to do (incremental run, no document changed)
       6    destination unavailable after every retry (progress kept; retry later)
+      7    audit: the index differs from the source
       130  stopped by SIGINT (Ctrl-C), resumable: run the same command again
       143  stopped by SIGTERM, resumable: run the same command again
     """

@@ -141,7 +141,7 @@ def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ help and init
 
 
-EXIT_CODES = ("0", "1", "2", "3", "4", "5", "6", "130", "143")
+EXIT_CODES = ("0", "1", "2", "3", "4", "5", "6", "7", "130", "143")
 
 
 def test_help_is_self_contained() -> None:
@@ -155,7 +155,7 @@ def test_help_is_self_contained() -> None:
     for step in ("embed-job init > job.yaml", "embed-job validate job.yaml",
                  "embed-job run job.yaml"):
         assert step in group.output
-    for command in ("", "init", "validate", "run", "status"):
+    for command in ("", "init", "validate", "run", "status", "search", "audit"):
         text = invoke(*command.split(), "--help").output
         assert "README" not in text and "docs/" not in text, command
 
