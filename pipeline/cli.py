@@ -18,6 +18,7 @@ import click
 import yaml
 
 from pipeline.commands.audit import audit_command
+from pipeline.commands.evaluate import eval_command
 from pipeline.commands.search import search
 from pipeline.errors import (
     EXIT_BAD_INPUT,
@@ -347,6 +348,7 @@ def job_template(**choices: str) -> str:
 
 main.add_command(search)
 main.add_command(audit_command)
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

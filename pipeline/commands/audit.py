@@ -21,14 +21,14 @@ from typing import Any
 import click
 
 from pipeline.chunking import Chunker
+from pipeline.commands.live import live_index
 from pipeline.errors import EXIT_AUDIT_MISMATCH, JobError
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
 from pipeline.readers import read_documents
 from pipeline.records import DeadLetter
 from pipeline.run.context import JobContext, check_sink
-from pipeline.secrets import quiet_client_logs
-from pipeline.sinks.base import Searchable
+from pipeline.sinks.base import norms
 
 FIRST = 10  # offending ids shown per kind of difference
 UNIT = 1e-3  # |norm - 1| beyond this is not unit length
@@ -163,23 +163,12 @@ def _expected(job: Job, chunker: Chunker) -> Iterator[tuple[str, str, int]]:
 
 
 def _stored(job: Job) -> Iterator[tuple[str, str, int, str, float | None]]:
-    local = job.sink.local_path(job.resolve)
-    if local is not None and not local.exists():
-        raise JobError(f"{job.source_file}: {job.sink.where_key}: {local} does not exist: "
-                       f"nothing published yet (run the job first)")
-    sink = job.sink.make(job.resolve, job.collection_name, job.collection_name)
-    try:
-        if not isinstance(sink, Searchable):
-            raise JobError(f"{job.source_file}: sink.kind {job.sink.kind}: this sink cannot be "
-                           f"read back")
-        with quiet_client_logs():  # after make(): importing pymilvus resets its loggers
-            for rows in sink.scan():
-                for pk, doc, index, doc_hash, norm in zip(
-                        rows.pks, rows.doc_ids, rows.chunk_indexes, rows.doc_hashes,
-                        rows.norms.tolist()):
-                    yield pk, doc, index, doc_hash, norm if norm == norm else None  # NaN: NULL
-    finally:
-        sink.close()
+    with live_index(job) as index:
+        for rows in index.scan():
+            for pk, doc, index_, doc_hash, norm in zip(
+                    rows.pks, rows.doc_ids, rows.chunk_indexes, rows.doc_hashes,
+                    norms(rows.vectors).tolist()):
+                yield pk, doc, index_, doc_hash, norm if norm == norm else None  # NaN: NULL
 
 
 @click.command(name="audit")

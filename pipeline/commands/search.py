@@ -12,13 +12,13 @@ import click
 import numpy as np
 
 from pipeline.chunking import ModelTokenizer
+from pipeline.commands.live import live_index
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.errors import ConfigError, JobError
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
-from pipeline.run.context import check_sink, load_model_info
-from pipeline.secrets import quiet_client_logs
-from pipeline.sinks.base import Hit, Searchable
+from pipeline.run.context import load_model_info
+from pipeline.sinks.base import Hit
 
 SNIPPET = 240  # characters of a chunk's text shown (the whole text with --json)
 
@@ -40,20 +40,8 @@ def embed_queries(job: Job, texts: list[str]) -> np.ndarray:
 
 def search_live(job: Job, vectors: np.ndarray, k: int) -> list[list[Hit]]:
     """The ``k`` nearest chunks of each vector in the live generation."""
-    check_sink(job)
-    local = job.sink.local_path(job.resolve)
-    if local is not None and not local.exists():
-        raise JobError(f"{job.source_file}: {job.sink.where_key}: {local} does not exist: "
-                       f"nothing published yet (run the job first)")
-    sink = job.sink.make(job.resolve, job.collection_name, job.collection_name)
-    try:
-        if not isinstance(sink, Searchable):
-            raise JobError(f"{job.source_file}: sink.kind {job.sink.kind}: this sink cannot be "
-                           f"searched")
-        with quiet_client_logs():  # after make(): importing pymilvus resets its loggers
-            return sink.search(vectors, k)
-    finally:
-        sink.close()
+    with live_index(job) as index:
+        return index.search(vectors, k)
 
 
 @click.command()

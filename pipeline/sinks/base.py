@@ -175,13 +175,13 @@ class Hit:
 
 @dataclass
 class ScannedRows:
-    """A batch of the live generation's rows as ``embed-job audit`` checks them."""
+    """A batch of the live generation's rows, as ``embed-job audit`` and ``eval`` read them."""
 
     pks: list[str]
     doc_ids: list[str]
     chunk_indexes: list[int]
     doc_hashes: list[str]
-    norms: np.ndarray  # each vector's L2 norm (NaN or inf when it is not finite)
+    vectors: np.ndarray  # (rows, dimension) float32, as stored
 
 
 class Searchable(ABC):
@@ -198,6 +198,7 @@ class Searchable(ABC):
 
 
 def norms(vectors: np.ndarray) -> np.ndarray:
+    """Each row's L2 norm; NaN or inf where a vector is not finite."""
     with np.errstate(all="ignore"):
         return np.sqrt(np.einsum("ij,ij->i", vectors.astype(np.float64), vectors))
 

@@ -27,7 +27,6 @@ from pipeline.sinks.base import (
     ScannedRows,
     Searchable,
     VectorBatch,
-    norms,
     top_k,
 )
 from pipeline.sinks.fields import columns
@@ -195,7 +194,7 @@ class MemorySink(Destination, Searchable):
             yield ScannedRows(list(rows), [r.doc_id for r in rows.values()],
                               [r.chunk_index for r in rows.values()],
                               [r.doc_hash for r in rows.values()],
-                              norms(np.stack([r.vector for r in rows.values()])))
+                              np.stack([r.vector for r in rows.values()]))
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         rows = list(self._live_rows().values())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 
-from pipeline.sinks.base import Hit, ScannedRows, norms, top_k
+from pipeline.sinks.base import Hit, ScannedRows, top_k
 
 
 def _matrix(batch: object) -> np.ndarray:
@@ -19,14 +19,14 @@ def _matrix(batch: object) -> np.ndarray:
 
 
 def scan_version(version: Path) -> Iterator[ScannedRows]:
-    """Every row's keys and vector norm, batch by batch."""
+    """Every row's keys and vector, batch by batch."""
     dataset = ds.dataset(version, format="parquet")
     for batch in dataset.to_batches(columns=["pk", "doc_id", "chunk_index", "doc_hash",
                                              "vector"]):
         if batch.num_rows:
             yield ScannedRows(batch.column("pk").to_pylist(), batch.column("doc_id").to_pylist(),
                               batch.column("chunk_index").to_pylist(),
-                              batch.column("doc_hash").to_pylist(), norms(_matrix(batch)))
+                              batch.column("doc_hash").to_pylist(), _matrix(batch))
 
 
 def search_version(version: Path, vectors: np.ndarray, k: int, text: bool) -> list[list[Hit]]:

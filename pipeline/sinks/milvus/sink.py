@@ -29,7 +29,6 @@ from pipeline.sinks.base import (
     ScannedRows,
     Searchable,
     VectorBatch,
-    norms,
 )
 from pipeline.sinks.fields import columns
 from pipeline.sinks.milvus import IndexConfig, TLSConfig, schema
@@ -196,7 +195,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
                 yield ScannedRows([r["pk"] for r in rows], [r["doc_id"] for r in rows],
                                   [int(r["chunk_index"]) for r in rows],
                                   [r["doc_hash"] for r in rows],
-                                  norms(np.asarray([r["vector"] for r in rows], np.float32)))
+                                  np.asarray([r["vector"] for r in rows], np.float32))
         finally:
             it.close()
 

@@ -1,0 +1,100 @@
+"""``embed-job eval``: real MiniLM over the demo corpus in Milvus Lite, with the labelled
+queries of tests/data/demo_queries.jsonl (written about the corpus's topics), a BEIR layout
+of the same, and the self-retrieval sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.cli import invoke, run
+from helpers.jobs import DEMO_CORPUS, REPO, make_job
+
+DOCS = [json.loads(line) for line in DEMO_CORPUS.read_text(encoding="utf-8").splitlines()]
+QUERIES = REPO / "tests" / "data" / "demo_queries.jsonl"
+
+
+@pytest.fixture(scope="module")
+def demo_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    job = make_job(tmp_path_factory.mktemp("eval"), DOCS,
+                   chunking={"max_tokens": 256, "overlap_tokens": 32},
+                   batching={"token_budget": 8192, "max_batch_size": 64},
+                   sink={"index": {"type": "HNSW", "params": {"M": 16, "efConstruction": 200}}})
+    run(job, process=True, expect={0})
+    return job
+
+
+def _eval(job: Path, *args: str) -> dict:
+    done = invoke("eval", str(job), "--json", *args, process=True)
+    assert done.exit_code == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_labelled_queries_give_stable_figures_and_the_dimension_trend(demo_index):
+    a = _eval(demo_index, "--queries", str(QUERIES), "--dims", "64,128,256,384")
+    assert a["kind"] == "labelled" and a["queries"] == 20
+    full = a["by_dimension"]["384"]
+    assert full["recall"] >= 0.8 and full["mrr"] >= 0.6 and 0 < full["ndcg"] <= 1
+    ndcg = [a["by_dimension"][d]["ndcg"] for d in ("64", "128", "256", "384")]
+    for smaller, larger in zip(ndcg, ndcg[1:]):
+        assert smaller <= larger + 0.05  # fewer dimensions never clearly better
+    assert ndcg[0] < ndcg[-1]  # and 64 of 384 costs quality
+    b = _eval(demo_index, "--queries", str(QUERIES), "--dims", "64,128,256,384")
+    assert a == b  # the same index and queries give the same figures
+    assert 0.9 <= a["index_recall_vs_exact"] <= 1.0
+
+
+def test_a_beir_directory_is_read_as_the_jsonl(demo_index, tmp_path):
+    rows = [json.loads(line) for line in QUERIES.read_text().splitlines()]
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n" for i, r in enumerate(rows)))
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\t{d}\t1\n" for i, r in enumerate(rows) for d in r["relevant"]))
+    beir = _eval(demo_index, "--queries", str(tmp_path))
+    labelled = _eval(demo_index, "--queries", str(QUERIES))
+    assert beir["by_dimension"] == labelled["by_dimension"]
+
+
+def test_without_queries_it_samples_self_retrieval_and_says_so(demo_index):
+    done = invoke("eval", str(demo_index), "--sample", "30", process=True)
+    assert done.exit_code == 0, done.stderr
+    assert "30 self-retrieval queries" in done.stdout and "recall@10" in done.stdout
+    result = _eval(demo_index, "--sample", "30")
+    assert result["kind"] == "self-retrieval" and result["by_dimension"]["384"]["recall"] >= 0.8
+
+
+def test_exact_search_is_brute_force():
+    from pipeline.commands.evaluate import _exact_top
+    from pipeline.sinks.base import ScannedRows
+
+    rng = np.random.default_rng(0)
+    stored = rng.normal(size=(50, 8)).astype(np.float32)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    queries = stored[:3] + 0.1 * rng.normal(size=(3, 8)).astype(np.float32)
+    batches = [ScannedRows([f"p{i}" for i in range(s, s + 20)], [f"d{i}" for i in range(s, s + 20)],
+                           list(range(s, s + 20)), ["h"] * 20, stored[s:s + 20])
+               for s in (0, 20, 40)]
+    batches[-1] = ScannedRows(*(x[:10] for x in (batches[-1].pks, batches[-1].doc_ids,
+                                                 batches[-1].chunk_indexes,
+                                                 batches[-1].doc_hashes)), stored[40:50])
+    got = _exact_top(iter(batches), queries, [None, 4], depth=5)
+    for d in (None, 4):
+        s, q = stored[:, :d], queries[:, :d]
+        s = s / np.linalg.norm(s, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        want = np.argsort(-(q @ s.T), axis=1)[:, :5]
+        assert [[h[1] for h in hits] for hits in got[d]] == want.tolist()
+
+
+def test_a_bad_queries_file_is_one_line(demo_index, tmp_path):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"query": "x"}\n')
+    done = invoke("eval", str(demo_index), "--queries", str(bad))
+    assert done.exit_code == 2
+    line, = done.output.strip().splitlines()
+    assert "line 1" in line and "relevant" in line
+    done = invoke("eval", str(demo_index), "--dims", "999")
+    assert done.exit_code == 2 and "stores 384 dimensions" in done.output
