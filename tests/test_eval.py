@@ -67,7 +67,7 @@ def test_without_queries_it_samples_self_retrieval_and_says_so(demo_index):
 
 
 def test_exact_search_is_brute_force():
-    from pipeline.commands.evaluate import _exact_top
+    from pipeline.run.retrieval import exact_top
     from pipeline.sinks.base import ScannedRows
 
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def test_exact_search_is_brute_force():
     batches[-1] = ScannedRows(*(x[:10] for x in (batches[-1].pks, batches[-1].doc_ids,
                                                  batches[-1].chunk_indexes,
                                                  batches[-1].doc_hashes)), stored[40:50])
-    got = _exact_top(iter(batches), queries, [None, 4], depth=5)
+    got = exact_top(iter(batches), queries, [None, 4], depth=5)
     for d in (None, 4):
         s, q = stored[:, :d], queries[:, :d]
         s = s / np.linalg.norm(s, axis=1, keepdims=True)
@@ -98,3 +98,27 @@ def test_a_bad_queries_file_is_one_line(demo_index, tmp_path):
     assert "line 1" in line and "relevant" in line
     done = invoke("eval", str(demo_index), "--dims", "999")
     assert done.exit_code == 2 and "stores 384 dimensions" in done.output
+
+
+def test_the_publish_gate_blocks_a_bad_generation_and_lets_a_good_one_through(tmp_path):
+    from helpers.rows import published_version
+
+    gate = {"min_recall_at_10": 0.8, "sample": 40}
+    settings = {"chunking": {"max_tokens": 256, "overlap_tokens": 32},
+                "batching": {"token_budget": 8192, "max_batch_size": 64},
+                "sink": {"kind": "parquet", "path": "vectors"}}
+    job = make_job(tmp_path, DOCS, **settings)
+    run(job, process=True, expect={0})
+    first = published_version(tmp_path / "vectors")
+    job = make_job(tmp_path, DOCS, model={"dimension": 4}, sync={"publish_gate": gate},
+                   **settings)
+    blocked = run(job, process=True, expect={2})
+    line, = [x for x in blocked.stderr.splitlines() if x.startswith("error")]
+    assert "sync.publish_gate" in line and "< min_recall_at_10 0.8" in line
+    assert published_version(tmp_path / "vectors") == first  # readers (this process) stay
+    assert blocked.report["extra"]["publish_gate"]["by_dimension"]["4"]["recall"] < 0.8
+    job = make_job(tmp_path, DOCS, model={"dimension": 256}, sync={"publish_gate": gate},
+                   **settings)
+    passed = run(job, "--restart", process=True, expect={0})  # the blocked build is dropped
+    assert published_version(tmp_path / "vectors") != first
+    assert passed.report["extra"]["publish_gate"]["by_dimension"]["256"]["recall"] >= 0.8

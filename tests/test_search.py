@@ -70,7 +70,7 @@ def test_before_any_run_it_is_one_line(tmp_path):
 
 def test_queries_get_the_instruction_and_eos_documents_do_not(tmp_path, tiny_qwen3_dir):
     from pipeline.chunking import ModelTokenizer
-    from pipeline.commands.search import embed_queries
+    from pipeline.run.retrieval import embed_queries
     from pipeline.run.context import load_model_info
 
     task = "Given a question, retrieve passages that answer it"

@@ -11,31 +11,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.chunking import ModelTokenizer
 from pipeline.commands.live import live_index
-from pipeline.embedders.matryoshka import truncate_and_normalize
-from pipeline.errors import ConfigError, JobError
+from pipeline.errors import JobError
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
-from pipeline.run.context import load_model_info
+from pipeline.run.retrieval import embed_queries
 from pipeline.sinks.base import Hit
 
 SNIPPET = 240  # characters of a chunk's text shown (the whole text with --json)
-
-
-def embed_queries(job: Job, texts: list[str]) -> np.ndarray:
-    """The queries' vectors as the index's: same model, pooling, dimension, normalization."""
-    info = load_model_info(job)
-    tokenizer = ModelTokenizer.from_model_dir(info.path, job.model.pooling_for(info))
-    limit = job.model.max_context(info)
-    ids = [tokenizer.query_ids(t, job.model.query_instruction) for t in texts]
-    for text, seq in zip(texts, ids):
-        if len(seq) > limit:
-            raise ConfigError(f"query {text[:40]!r}...: {len(seq)} tokens, the model takes at "
-                              f"most {limit}")
-    with job.model.make(info, tokenizer.pad_id) as embedder:
-        raw = embedder.embed_batch(ids)
-    return truncate_and_normalize(raw, job.model.dimension, job.model.normalize)
 
 
 def search_live(job: Job, vectors: np.ndarray, k: int) -> list[list[Hit]]:

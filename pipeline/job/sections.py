@@ -101,6 +101,16 @@ class BatchingConfig(Strict):
         "number); auto: 1 in the run's process, 2 per GPU worker with --gpus")
 
 
+class PublishGate(Strict):
+    """A bar a new generation must clear before readers are switched to it."""
+
+    min_recall_at_10: float = Field(..., ge=0, le=1, description="document recall@10 the new "
+                                    "generation must reach on the queries")
+    queries: str | None = Field(None, description="JSONL of {query, relevant} or a BEIR "
+                                "directory; None: a self-retrieval sample of the source")
+    sample: int = Field(200, gt=0, description="documents sampled when queries is None")
+
+
 class SyncConfig(Strict):
     """How a run relates to what earlier runs published (nightly re-indexing)."""
 
@@ -112,6 +122,9 @@ class SyncConfig(Strict):
     keep_previous: int = Field(
         1, ge=0, description="older generations (collections / Parquet versions) kept after a "
         "model or settings change")
+    publish_gate: PublishGate | None = Field(
+        None, description="checked on a new generation (a model or settings change) before "
+        "readers switch to it; failing, readers stay on the old one")
 
 
 class ModelSettings(Strict):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 
-from pipeline.errors import SinkError
+from pipeline.errors import JobError, SinkError
 from pipeline.faults import fault_point
 from pipeline.plan.store import PlanStore
 from pipeline.records import DUPLICATE
 from pipeline.run.context import JobContext
 from pipeline.run.report import RunReport
-from pipeline.sinks.base import Generations
+from pipeline.run.retrieval import gate_failure
+from pipeline.sinks.base import Generations, Searchable
 from pipeline.state.checkpoint import Checkpoint
 from pipeline.state.dead_letters import DeadLetterFile
 from pipeline.state.sync_state import Published, SyncCounts, SyncState
@@ -54,6 +55,9 @@ def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: 
         published.previous if published.target == run.target
         else [published.target, *published.previous])
     keep = history[:job.sync.keep_previous]
+    if job.sync.publish_gate is not None and published is not None \
+            and published.target != run.target:
+        _gate(ctx, sink, run.target, published.target, report)
     sink.publish()
     files = store.source_files or []
     if job.sync.delete_missing and not deleting:
@@ -69,6 +73,18 @@ def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: 
         report.warn(f"{counts.unreadable:,} documents had unreadable rows and were kept as "
                     f"published; see {dead.path}")
     _finish(ctx, report, counts, sum(actual.values()))
+
+
+def _gate(ctx: JobContext, sink: Generations, target: str, live: str, report: RunReport
+          ) -> None:
+    """The new generation's retrieval figures against the gate, before readers switch."""
+    if not isinstance(sink, Searchable):
+        raise JobError(f"{ctx.job.source_file}: sync.publish_gate: sink.kind "
+                       f"{ctx.job.sink.kind} cannot be searched")
+    failure, result = gate_failure(ctx.job, sink, target, live)
+    report.extra["publish_gate"] = result.to_dict()
+    if failure is not None:
+        raise JobError(failure)
 
 
 def _finish(ctx: JobContext, report: RunReport, counts: SyncCounts, vectors: int) -> None:

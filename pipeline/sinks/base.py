@@ -188,13 +188,14 @@ class Searchable(ABC):
     """The live generation as readers query it (``embed-job search``, ``embed-job audit``)."""
 
     @abstractmethod
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """The ``k`` nearest chunks of each unit-length vector, best first, in the generation
-        readers see now; a SinkError when nothing is published."""
+    def search(self, vectors: np.ndarray, k: int, generation: str | None = None
+               ) -> list[list[Hit]]:
+        """The ``k`` nearest chunks of each unit-length vector, best first, in ``generation``
+        (None: the one readers see now; a SinkError when nothing is published)."""
 
     @abstractmethod
-    def scan(self) -> Iterator[ScannedRows]:
-        """Every row of the generation readers see now, batch by batch (bounded memory)."""
+    def scan(self, generation: str | None = None) -> Iterator[ScannedRows]:
+        """Every row of ``generation`` (None: the live one), batch by batch (bounded memory)."""
 
 
 def norms(vectors: np.ndarray) -> np.ndarray:

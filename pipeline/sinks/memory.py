@@ -182,22 +182,23 @@ class MemorySink(Destination, Searchable):
             raise SinkError(f"memory: generation {name!r} has an alias; not dropped")
         self.store.generations.pop(name, None)
 
-    def _live_rows(self) -> dict[str, StoredRow]:
-        live = self.live()
-        if live is None or live not in self.store.generations:
+    def _live_rows(self, generation: str | None) -> dict[str, StoredRow]:
+        name = generation or self.live()
+        if name is None or name not in self.store.generations:
             raise SinkError(f"memory alias {self.alias!r}: nothing published yet")
-        return self.store.generations[live].rows
+        return self.store.generations[name].rows
 
-    def scan(self) -> Iterator[ScannedRows]:
-        rows = self._live_rows()
+    def scan(self, generation: str | None = None) -> Iterator[ScannedRows]:
+        rows = self._live_rows(generation)
         if rows:
             yield ScannedRows(list(rows), [r.doc_id for r in rows.values()],
                               [r.chunk_index for r in rows.values()],
                               [r.doc_hash for r in rows.values()],
                               np.stack([r.vector for r in rows.values()]))
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        rows = list(self._live_rows().values())
+    def search(self, vectors: np.ndarray, k: int, generation: str | None = None
+               ) -> list[list[Hit]]:
+        rows = list(self._live_rows(generation).values())
         if not rows:
             return [[] for _ in vectors]
         scores = vectors @ np.stack([r.vector for r in rows]).T

@@ -243,17 +243,20 @@ class ParquetSink(Destination, Searchable):
         current = current_version(self.root)
         return current.name if current is not None else None
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, k: int, generation: str | None = None
+               ) -> list[list[Hit]]:
         from pipeline.sinks.parquet_search import search_version
 
-        return search_version(self._published(), vectors, k, self.store_text)
+        return search_version(self._published(generation), vectors, k, self.store_text)
 
-    def scan(self) -> Iterator[ScannedRows]:
+    def scan(self, generation: str | None = None) -> Iterator[ScannedRows]:
         from pipeline.sinks.parquet_search import scan_version
 
-        return scan_version(self._published())
+        return scan_version(self._published(generation))
 
-    def _published(self) -> Path:
+    def _published(self, generation: str | None) -> Path:
+        if generation is not None:
+            return self.root / generation
         current = current_version(self.root)
         if current is None:
             raise SinkError(f"{self.root}: nothing published yet ({CURRENT} is missing)")

@@ -173,10 +173,10 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         finally:
             it.close()
 
-    def _published(self) -> str:
-        """The collection the alias points at now, loaded (a reopened Lite db starts
-        released)."""
-        name = self.live()
+    def _published(self, generation: str | None) -> str:
+        """``generation``, or the collection the alias points at now, loaded (a reopened Lite
+        db starts released)."""
+        name = generation or self.live()
         if name is None:
             raise SinkError(f"milvus {mask_uri(self.uri)}: alias {self.alias!r} does not exist: "
                             f"nothing published yet")
@@ -184,8 +184,8 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
         return name
 
-    def scan(self) -> Iterator[ScannedRows]:
-        name, client = self._published(), self.connect()
+    def scan(self, generation: str | None = None) -> Iterator[ScannedRows]:
+        name, client = self._published(generation), self.connect()
         what = f"query of {name!r}"
         it = self._call(what, client.query_iterator, name, batch_size=2000, filter="",
                         output_fields=["pk", "doc_id", "chunk_index", "doc_hash", "vector"],
@@ -199,9 +199,10 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         finally:
             it.close()
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Through the index, on the collection the alias points at now."""
-        name, client = self._published(), self.connect()
+    def search(self, vectors: np.ndarray, k: int, generation: str | None = None
+               ) -> list[list[Hit]]:
+        """Through the index, on the collection the alias points at now (or ``generation``)."""
+        name, client = self._published(generation), self.connect()
         kind = self.index.type.upper()
         params = ({"params": {"ef": max(k, 64)}} if kind.startswith("HNSW")
                   else {"params": {"nprobe": 16}} if kind.startswith("IVF") else {})
