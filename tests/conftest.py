@@ -52,3 +52,22 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, d
         assert done.exit_code == 0, done.stderr
         out[kind] = stored_rows(job)
     return out
+
+
+@pytest.fixture(scope="session", params=["milvus", "parquet"])
+def demo_index(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole demo corpus embedded with MiniLM and published, to Milvus Lite (HNSW) or
+    Parquet: built once a session for the search and eval tests, which only read it."""
+    import json
+
+    from helpers.cli import run
+    from helpers.jobs import DEMO_CORPUS, make_job
+
+    docs = [json.loads(line) for line in DEMO_CORPUS.read_text(encoding="utf-8").splitlines()]
+    sink = ({"kind": "parquet", "path": "vectors"} if request.param == "parquet" else
+            {"index": {"type": "HNSW", "params": {"M": 16, "efConstruction": 200}}})
+    job = make_job(tmp_path_factory.mktemp(f"demo-index-{request.param}"), docs,
+                   chunking={"max_tokens": 256, "overlap_tokens": 32},
+                   batching={"token_budget": 8192, "max_batch_size": 64}, sink=sink)
+    run(job, process=True, expect={0})
+    return job

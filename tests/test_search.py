@@ -16,17 +16,6 @@ from pipeline.job.load import load_job
 DOCS = [json.loads(line) for line in DEMO_CORPUS.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(scope="module", params=["milvus", "parquet"])
-def demo_index(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The whole demo corpus, embedded and published to the sink kind."""
-    sink = {"kind": "parquet", "path": "vectors"} if request.param == "parquet" else {}
-    job = make_job(tmp_path_factory.mktemp(f"search-{request.param}"), DOCS,
-                   chunking={"max_tokens": 256, "overlap_tokens": 32},
-                   batching={"token_budget": 8192, "max_batch_size": 64}, sink=sink)
-    run(job, process=True, expect={0})
-    return job
-
-
 def _hits(job: Path, query: str, k: int = 5) -> list[dict]:
     done = invoke("search", str(job), query, "-k", str(k), "--json")
     assert done.exit_code == 0, done.output
@@ -70,8 +59,8 @@ def test_before_any_run_it_is_one_line(tmp_path):
 
 def test_queries_get_the_instruction_and_eos_documents_do_not(tmp_path, tiny_qwen3_dir):
     from pipeline.chunking import ModelTokenizer
-    from pipeline.run.retrieval import embed_queries
     from pipeline.run.context import load_model_info
+    from pipeline.run.retrieval import embed_queries
 
     task = "Given a question, retrieve passages that answer it"
     text = "Sentences end with periods. Or questions?"
