@@ -25,7 +25,6 @@ from pipeline.commands.live import live_index
 from pipeline.errors import EXIT_AUDIT_MISMATCH, JobError
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
-from pipeline.readers import read_documents
 from pipeline.records import DeadLetter
 from pipeline.run.context import JobContext, check_sink
 from pipeline.sinks.base import norms
@@ -157,6 +156,8 @@ def _dead_letters(path: Path) -> Iterator[tuple[str, int | None]]:
 def _expected(job: Job, chunker: Chunker) -> Iterator[tuple[str, str, int]]:
     """(doc id, content hash, chunks) of every source document; the first of an id wins, as
     in a run; a document that cannot be chunked has none."""
+    from pipeline.readers import read_documents  # datasets: only when reading
+
     for doc in read_documents(job.source, job.resolve, lambda letter: None):
         chunks = chunker.chunk(doc)
         yield doc.doc_id, doc.content_hash, 0 if isinstance(chunks, DeadLetter) else len(chunks)

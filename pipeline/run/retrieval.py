@@ -27,7 +27,6 @@ from pipeline.chunking import ModelTokenizer
 from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.errors import ConfigError
 from pipeline.job.config import Job
-from pipeline.readers import read_documents
 from pipeline.run.context import load_model_info
 from pipeline.sinks.base import Searchable
 
@@ -122,6 +121,8 @@ def sample_queries(job: Job, n: int, seed: int = 0) -> list[Query]:
     """``n`` documents drawn evenly (reservoir sampling, seeded), a span of each as its query."""
     rng = random.Random(seed)
     picked: list[tuple[str, str]] = []
+    from pipeline.readers import read_documents  # datasets: only when reading
+
     for i, doc in enumerate(read_documents(job.source, job.resolve, lambda letter: None)):
         words = doc.text.split()
         if len(words) < 8:
