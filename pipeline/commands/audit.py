@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from pipeline.chunking import Chunker
-from pipeline.commands.live import live_index
+from pipeline.commands.live import fail, live_index
 from pipeline.errors import EXIT_AUDIT_MISMATCH, JobError
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
@@ -186,9 +186,7 @@ def audit_command(job_file: Path, as_json: bool) -> None:
     try:
         result = audit(load_job(job_file))
     except JobError as e:
-        for line in str(e).splitlines():
-            click.echo(f"error: {line}", err=True)
-        sys.exit(e.exit_code)
+        fail(e)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
     if not result.ok:
         sys.exit(EXIT_AUDIT_MISMATCH)

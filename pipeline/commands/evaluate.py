@@ -4,12 +4,11 @@ the approximate index against exact search (the figures: ``pipeline.run.retrieva
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from pipeline.commands.live import live_index
+from pipeline.commands.live import fail, live_index
 from pipeline.errors import ConfigError, JobError
 from pipeline.job.load import load_job
 from pipeline.run.retrieval import evaluate, load_queries, sample_queries
@@ -39,9 +38,7 @@ def eval_command(job_file: Path, queries_path: Path | None, sample: int, dims: s
             result = evaluate(job, index, queries, wanted, k,
                               "labelled" if queries_path else "self-retrieval")
     except JobError as e:
-        for line in str(e).splitlines():
-            click.echo(f"error: {line}", err=True)
-        sys.exit(e.exit_code)
+        fail(e)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
 
 

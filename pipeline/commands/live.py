@@ -1,9 +1,14 @@
-"""The live generation, opened for reading by ``search``, ``audit`` and ``eval``."""
+"""The live generation, opened for reading by ``search``, ``audit`` and ``eval``, and how
+those commands end on a user's mistake."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
+
+import click
 
 from pipeline.errors import JobError
 from pipeline.job.config import Job
@@ -29,3 +34,10 @@ def live_index(job: Job) -> Iterator[Searchable]:
             yield sink
     finally:
         sink.close()
+
+
+def fail(error: JobError) -> NoReturn:
+    """One ``error:`` line per line of the message, and the error's exit code."""
+    for line in str(error).splitlines():
+        click.echo(f"error: {line}", err=True)
+    sys.exit(error.exit_code)

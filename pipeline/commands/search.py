@@ -5,13 +5,12 @@ documents never get), then the nearest chunks of what readers see now."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from pipeline.commands.live import live_index
+from pipeline.commands.live import fail, live_index
 from pipeline.errors import JobError
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
@@ -43,9 +42,7 @@ def search(job_file: Path, query: str, k: int, as_json: bool) -> None:
         job = load_job(job_file)
         hits = search_live(job, embed_queries(job, [query]), k)[0]
     except JobError as e:
-        for line in str(e).splitlines():
-            click.echo(f"error: {line}", err=True)
-        sys.exit(e.exit_code)
+        fail(e)
     for rank, hit in enumerate(hits, 1):
         if as_json:
             click.echo(json.dumps({"rank": rank, "doc_id": hit.doc_id,

@@ -28,7 +28,7 @@ from pipeline.embedders.matryoshka import truncate_and_normalize
 from pipeline.errors import ConfigError
 from pipeline.job.config import Job
 from pipeline.run.context import load_model_info
-from pipeline.sinks.base import Searchable
+from pipeline.sinks.base import Searchable, top_k
 
 QUERY_WORDS = 24  # words of a sampled document taken as its self-retrieval query
 DEPTH = 100  # chunks retrieved per query, so enough distinct documents are ranked
@@ -174,8 +174,7 @@ def exact_top(batches: Iterator[Any], queries: np.ndarray, dims: list[int | None
     for rows in batches:
         for d in dims:
             scores = cut[d] @ truncate_and_normalize(rows.vectors, d).T
-            for q in range(len(queries)):
-                top = np.argsort(-scores[q], kind="stable")[:depth]
+            for q, top in enumerate(top_k(scores, depth)):
                 merged = best[d][q] + [(rows.doc_ids[i], rows.chunk_indexes[i],
                                         float(scores[q, i])) for i in top.tolist()]
                 best[d][q] = sorted(merged, key=lambda h: -h[2])[:depth]
