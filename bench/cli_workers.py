@@ -9,6 +9,7 @@ total tokens/s / (N x the one-GPU variant's tokens/s).
 
     python bench/cli_workers.py --backend sglang --variants plain,gpus=1:workers=2
     python bench/cli_workers.py --backend transformers --variants gpus=1,gpus=all
+    python bench/cli_workers.py --backend sglang --variants plain,runner=ray   # Ray, one GPU actor
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def main() -> int:
         job = job_dict(f"cli_{tag}", source, model_dir, args.backend, run_dir,
                        dimension=32 if args.tiny else 1024,
                        token_budget=budget, sort_window=None, model_extra=extra)
+        if "runner=ray" in variant:  # a local cluster of the host, one actor per GPU
+            job["ray"] = {"object_store_mb": 4096}
         (run_dir / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
         t = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run",
@@ -156,6 +159,7 @@ def main() -> int:
                    model_load_s=round(r["model_load_s"], 2), tokens_per_s=round(r["tokens_per_s"], 1),
                    waited_for_plan_s=round(r["waited_for_plan_s"], 3),
                    waited_for_sink_s=round(r["waited_for_sink_s"], 3), rows=len(pks),
+                   cluster_start_s=r.get("cluster", {}).get("start_s"),
                    chunks=r["chunks"], exactly_once=exactly_once,
                    workers=[{k: w[k] for k in ("worker", "tokens", "tokens_per_s",
                                                 "waited_for_plan_s", "waited_for_sink_s",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, as run on the device machine (H100), from the repository root:
 #
-#   bash bench/run_device.sh [transformers] [rss] [workers] [plan] [sglang | bf16 fp8 awq]
+#   bash bench/run_device.sh [transformers] [rss] [workers] [ray] [plan] [sglang | bf16 fp8 awq]
 #
 # Needs: the SGLang bundle (shared/sglang-device/, or a copy of its activate.sh and archive in
 # .sgl/, carried) for SGLang
@@ -20,6 +20,12 @@ T0=$(date +%s)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/bench-site .whl/*.whl && export PYTHONPATH="/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Ray for --runner ray: .ray/ray-trim.tar.xz (the ray wheel unpacked, its Java jars, dashboard
+# client and RL/serve/tune/train libraries left out and the binaries stripped, to travel in 19 MB)
+if [ -f .ray/ray-trim.tar.xz ]; then
+  mkdir -p /tmp/bench-site && tar -xJf .ray/ray-trim.tar.xz -C /tmp/bench-site && \
+    export PYTHONPATH="/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # the bundle's activate.sh + archive: shared/sglang-device (where it travels) or a copy in .sgl/
 ACT="$(ls .sgl/activate.sh shared/sglang-device/activate.sh ../shared/sglang-device/activate.sh 2>/dev/null | head -1)"
@@ -84,6 +90,18 @@ case " $what " in *" workers "*)
       --deadline "$(( ${BENCH_LIMIT_WORKERS:-300} - 20 ))" > "$OUT/workers-$b.log" 2>&1
     echo "workers $b rc=$? after $(( $(date +%s) - T0 ))s"
     grep "^RESULT" "$OUT/workers-$b.log" | cut -c1-600
+  done
+  ;; esac
+
+# the Ray runner: the command with --runner ray (a local cluster, one GPU actor) beside the
+# local command, in fresh processes, exactly-once checked (carry .ray, .whl with jsonschema)
+case " $what " in *" ray "*)
+  for b in ${BENCH_RAY_BACKENDS:-sglang}; do
+    run_group "${BENCH_LIMIT_RAY:-300}" python3 bench/cli_workers.py --backend "$b" \
+      --variants "plain,runner=ray" --copies "${BENCH_COPIES:-2}" --out "$OUT" \
+      --deadline "$(( ${BENCH_LIMIT_RAY:-300} - 20 ))" > "$OUT/ray-$b.log" 2>&1
+    echo "ray $b rc=$? after $(( $(date +%s) - T0 ))s"
+    grep "^RESULT" "$OUT/ray-$b.log" | cut -c1-700
   done
   ;; esac
 

@@ -114,10 +114,12 @@ def main() -> None:
                              "count (2), or indexes (0,2,5). Overrides model.gpus.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes per GPU, or on "
               "the CPU without --gpus. Overrides model.workers.")
+@click.option("--runner", type=click.Choice(["local", "ray"]), help="Overrides runner.")
+@click.option("--ray-address", help="A Ray cluster (host:6379, ray://host:10001); overrides ray.address.")
 def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_run: bool,
         quiet: bool, report_path: Path | None, prom_path: Path | None,
         accept_missing_files: bool, progress_every: float, log_format: str,
-        gpus: str | None, workers: int | None) -> None:
+        gpus: str | None, workers: int | None, runner: str | None, ray_address: str | None) -> None:
     """Run (or resume) the job in JOB_FILE.
 
     A run plans (reads the source, chunks it, sorts the chunks into batches on disk), embeds
@@ -155,7 +157,7 @@ def run(job_file: Path, mode: str | None, restart: bool, limit: int | None, dry_
             report.hide(secrets)
             options = RunOptions(restart=restart, limit=limit, progress=not quiet,
                                  gpus=None if gpus is None else parse_gpus(gpus),
-                                 workers=workers,
+                                 workers=workers, runner=runner, ray_address=ray_address,
                                  mode=cast("Mode | None", mode),
                                  accept_missing_files=accept_missing_files,
                                  progress_interval_s=progress_every,

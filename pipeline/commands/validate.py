@@ -92,6 +92,13 @@ def validate_job(job: Job, offline: bool = False) -> Validation:
         load_model_info(job)
     except ConfigError as e:
         out.problems += str(e).splitlines()
+    if job.runner == "ray":
+        from pipeline.run.cluster.session import import_ray
+
+        try:
+            import_ray()
+        except ConfigError as e:
+            out.problems.append(f"{job.source_file}: runner: {e}")
     hub = job.source.kind == "hf" and not job.resolve(str(job.source.dataset)).exists()
     if offline and hub:
         out.notes.append(f"source: hub dataset {job.source.dataset!r} not checked (--offline)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, PrivateAttr
 
@@ -19,6 +19,7 @@ from pipeline.job.sections import (
     BatchingConfig,
     ChunkingConfig,
     ModelSettings,
+    RayConfig,
     SinkSettings,
     SourceConfig,
     Strict,
@@ -44,6 +45,9 @@ class Job(Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     sink: SinkConfig
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    runner: Literal["local", "ray"] = Field(
+        "local", description="local: this host (--gpus/--workers); ray: a Ray cluster")
+    ray: RayConfig = Field(default_factory=RayConfig)
     checkpoint_dir: str | None = Field(None, description="default: .embed-job/<name> beside the job file")
     dead_letter_path: str | None = Field(None, description="default: <checkpoint_dir>/dead_letters.jsonl")
     max_dead_letter_ratio: float | None = Field(

@@ -101,6 +101,24 @@ class BatchingConfig(Strict):
         "number); auto: 1 in the run's process, 2 per GPU worker with --gpus")
 
 
+class RayConfig(Strict):
+    """Where and how a ``runner: ray`` run embeds (``docs/cluster.md``)."""
+
+    address: str | None = Field(
+        None, description="a Ray cluster (host:6379 or ray://host:10001); None: RAY_ADDRESS, "
+        "else a local cluster started for the run and shut down after")
+    actors: int | Literal["auto"] = Field(
+        "auto", description="embedding actors, each holding one embedder for its lifetime; "
+        "auto: one per GPU of the cluster (one on a CPU-only cluster)")
+    actor_cpus: float = Field(
+        1.0, gt=0, description="CPUs each actor reserves; keep the sum below the cluster's "
+        "CPUs, or the reading and chunking tasks never get one")
+    local_cpus: int | None = Field(
+        None, gt=0, description="CPUs of a local cluster; None: this machine's")
+    object_store_mb: int | None = Field(
+        None, gt=0, description="object store of a local cluster; None: Ray's default")
+
+
 class PublishGate(Strict):
     """A bar a new generation must clear before readers are switched to it."""
 

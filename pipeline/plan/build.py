@@ -25,7 +25,7 @@ from pipeline.faults import fault_point
 from pipeline.job.sections import BatchingConfig
 from pipeline.keys import chunk_pk
 from pipeline.plan.batching import PlanRow, WindowBuilder, WindowStats
-from pipeline.plan.parallel import ChunkPool, Lookup, Planned, RowsOf, read_ahead
+from pipeline.plan.parallel import ChunkPool, Lookup, Planned, Pool, PoolFactory, RowsOf, read_ahead
 from pipeline.plan.store import PlanStore
 from pipeline.records import (
     DUPLICATE,
@@ -159,7 +159,7 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
                limit: int | None = None, stop: threading.Event | None = None,
                unchanged: Lookup | None = None, on_bad_row: str = "dead_letter",
                rejected: RejectedRows | None = None, max_id_bytes: int | None = None,
-               processes: int = 1) -> None:
+               processes: int = 1, pool: PoolFactory | None = None) -> None:
     """Append windows to ``store`` until the source (or ``limit`` documents) is exhausted;
     the store's manifest says which.
 
@@ -171,7 +171,8 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
     on a document id (a longer one is a bad row, not a failed batch). ``processes`` > 1:
     documents are chunked in that many worker processes, ahead of their turn (``unchanged``
     too is asked ahead, still in this thread and in document order); the plan and the dead
-    letters are the same as with one.
+    letters are the same as with one. ``pool``: where documents are chunked instead (a
+    cluster), read ahead the same way.
     """
     def dead_or_raise(letter: DeadLetter) -> None:
         if on_bad_row == "error":
@@ -206,12 +207,13 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
             _rows(doc, doc_hash, chunks, fingerprint, store_text)
 
     planned: Generator[Planned, None, None]
-    pool = None
-    if processes > 1:
-        pool = ChunkPool(chunker, fingerprint, processes)
+    chunks: Pool | None = None
+    if pool is not None or processes > 1:
+        chunks = pool(chunker, fingerprint) if pool is not None else \
+            ChunkPool(chunker, fingerprint, processes)
         if rejected is not None:
             rejected.held = []  # the reader's letters wait for their rows' turn
-        planned = read_ahead(docs, pool, store_text, seen.holds, unchanged, max_id_bytes,
+        planned = read_ahead(docs, chunks, store_text, seen.holds, unchanged, max_id_bytes,
                              rejected.take_held if rejected is not None else list,
                              rejected.deliver if rejected is not None else lambda _: None,
                              remaining, stop)
@@ -241,8 +243,8 @@ def build_plan(docs: Iterator[Document], chunker: Chunker, store: PlanStore,
         finished = exhausted
     finally:
         planned.close()
-        if pool is not None:
-            pool.close(finished)
+        if chunks is not None:
+            chunks.close(finished)
         if rejected is not None:
             rejected.held = None  # letters of rows read past the end of planning: never due
     if window.docs or (rejected is not None and rejected.letters):

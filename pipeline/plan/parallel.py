@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import reduction
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -139,7 +139,12 @@ def _chunk_group(docs: list[tuple[str, str, str]]) -> ChunkedGroup:
     """Chunk (doc id, text, source) triples in a worker."""
     if not isinstance(_worker, tuple):
         raise _worker or RuntimeError("planner worker not initialized")
-    chunker, fingerprint = _worker
+    return chunk_group(*_worker, docs)
+
+
+def chunk_group(chunker: Chunker, fingerprint: str, docs: list[tuple[str, str, str]]
+                ) -> ChunkedGroup:
+    """Chunk (doc id, text, source) triples: what a worker (or a cluster's task) does."""
     outcomes: list[Outcome] = []
     pks: list[str] = []
     spans: list[int] = []
@@ -191,6 +196,19 @@ def _attach_rows(group: list[Ahead], result: ChunkedGroup, store_text: bool) -> 
         j += outcome
 
 
+class Pool(Protocol):
+    """Where groups are chunked: this host's worker processes, or a cluster."""
+
+    processes: int  # groups chunked at once
+
+    def submit(self, docs: list[Ahead]) -> Future[ChunkedGroup]: ...
+
+    def close(self, finished: bool) -> None: ...
+
+
+PoolFactory = Callable[[Chunker, str], Pool]  # (chunker, fingerprint) -> pool
+
+
 class ChunkPool:
     """The worker processes, spawned with the chunker; killed at once on an early exit."""
 
@@ -227,7 +245,7 @@ class _Group:
     future: Future[ChunkedGroup] | None  # None: nothing in it to chunk
 
 
-def read_ahead(docs: Iterator[Document], pool: ChunkPool, store_text: bool,
+def read_ahead(docs: Iterator[Document], pool: Pool, store_text: bool,
                known: Callable[[str], bool], unchanged: Lookup | None, max_id_bytes: int | None,
                letters: Callable[[], list[DeadLetter]],
                deliver: Callable[[list[DeadLetter]], None], limit: int | None,

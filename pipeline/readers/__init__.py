@@ -31,8 +31,8 @@ READERS_BY_KIND: dict[str, FileReader] = {"jsonl": read_jsonl, "parquet": read_p
 # Checks that cost no row reads; JSON lines have no header to check.
 _CHECKS: dict[FileReader, Callable[[Path, SourceConfig], None]] = {read_parquet: check_parquet}
 
-__all__ = ["check_source", "read_documents", "source_files", "READERS_BY_EXTENSION",
-           "READERS_BY_KIND"]
+__all__ = ["check_source", "read_documents", "source_files", "file_readers",
+           "READERS_BY_EXTENSION", "READERS_BY_KIND"]
 
 
 def read_documents(source: SourceConfig, resolve: Callable[[str], Path],
@@ -44,14 +44,14 @@ def read_documents(source: SourceConfig, resolve: Callable[[str], Path],
     """
     if source.kind == "hf":
         return read_hf(source, resolve, on_dead_letter)
-    return _read_files(_plan(source, resolve), source, on_dead_letter)
+    return _read_files(file_readers(source, resolve), source, on_dead_letter)
 
 
 def source_files(source: SourceConfig, resolve: Callable[[str], Path]) -> list[Path] | None:
     """The files a file source reads, in reading order (None for a datasets source)."""
     if source.kind == "hf":
         return None
-    return [path for path, _ in _plan(source, resolve)]
+    return [path for path, _ in file_readers(source, resolve)]
 
 
 def check_source(source: SourceConfig, resolve: Callable[[str], Path]) -> None:
@@ -63,13 +63,15 @@ def check_source(source: SourceConfig, resolve: Callable[[str], Path]) -> None:
     if source.kind == "hf":
         read_hf(source.model_copy(update={"streaming": True}), resolve, _ignore)
         return
-    for path, reader in _plan(source, resolve):
+    for path, reader in file_readers(source, resolve):
         check = _CHECKS.get(reader)
         if check is not None:
             check(path, source)
 
 
-def _plan(source: SourceConfig, resolve: Callable[[str], Path]) -> list[tuple[Path, FileReader]]:
+def file_readers(source: SourceConfig, resolve: Callable[[str], Path]
+                 ) -> list[tuple[Path, FileReader]]:
+    """Each file of a file source, in reading order, with the reader it is read with."""
     suffixes = [ext for ext, reader in READERS_BY_EXTENSION.items()
                 if source.kind is None or reader is READERS_BY_KIND[source.kind]]
     return [(path, _reader_for(path, source.kind))

@@ -30,6 +30,8 @@ class RunOptions:
     progress_emit: Callable[[str], None] | None = None  # where such a line goes (stderr)
     gpus: GpuSpec | None = None  # overrides model.gpus
     workers: int | None = None  # overrides model.workers
+    runner: str | None = None  # overrides job.runner: local or ray
+    ray_address: str | None = None  # overrides ray.address
 
 
 def model_problems(job: Job, info: ModelInfo) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pipeline.chunking import Chunker
 from pipeline.plan.batching import WindowStats
 from pipeline.plan.build import RejectedRows, build_plan
+from pipeline.plan.parallel import PoolFactory
 from pipeline.records import Document
 from pipeline.run.context import JobContext
 from pipeline.run.progress import Progress
@@ -30,11 +31,12 @@ class Planner(StageThread):
 
     def __init__(self, ctx: JobContext, docs: Iterator[Document], rejected: RejectedRows,
                  dead: DeadLetterFile, limit: int | None,
-                 unchanged: Callable[[str, str], bool] | None, processes: int = 1) -> None:
+                 unchanged: Callable[[str, str], bool] | None, processes: int = 1,
+                 pool: PoolFactory | None = None) -> None:
         super().__init__()
         self.ctx, self.docs, self.rejected = ctx, docs, rejected
         self.dead, self.limit, self.unchanged = dead, limit, unchanged
-        self.processes = processes
+        self.processes, self.pool = processes, pool
         self.windows: queue.Queue = queue.Queue()
         self.stop = threading.Event()
 
@@ -45,7 +47,8 @@ class Planner(StageThread):
                    self.ctx.fingerprint, job.sink.store_text, self.dead, self.windows.put,
                    self.limit, self.stop, unchanged=self.unchanged,
                    on_bad_row=job.source.on_bad_row, rejected=self.rejected,
-                   max_id_bytes=job.sink.doc_id_limit(), processes=self.processes)
+                   max_id_bytes=job.sink.doc_id_limit(), processes=self.processes,
+                   pool=self.pool)
         self.windows.put(_DONE)
 
     def after_failure(self, error: BaseException) -> None:

@@ -56,6 +56,8 @@ class RunReport:
     waited_for_sink_s: float = 0.0
     # one entry per embedding worker process (--gpus / --workers): pace, waits, deaths
     workers: list[dict[str, Any]] = field(default_factory=list)
+    # runner ray: where the run ran (address, nodes, CPUs, GPUs, memory)
+    cluster: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures
@@ -151,6 +153,11 @@ class RunReport:
             f"  waits         {self.waited_for_plan_s:,.1f} s for the plan (reading, chunking), "
             f"{self.waited_for_sink_s:,.1f} s for the sink",
         ]
+        if self.cluster:
+            c = self.cluster
+            lines.append(f"  cluster       ray at {c['address']}: {c['nodes']} node(s), "
+                         f"{c['cpus']:g} CPUs, {c['gpus']:g} GPUs, {c['memory_gb']:g} GB; "
+                         f"joined in {c['start_s']:,.1f} s")
         for w in self.workers:
             lines.append(f"  {w['worker']:<13} {w['tokens']:,} tokens, {w['tokens_per_s']:,.0f} "
                          f"tokens/s; waited {w['waited_for_plan_s']:,.1f} s for batches, "

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 from pipeline.embedders.base import Embedder
 from pipeline.embedders.faulty import wrap_embedder
@@ -21,7 +22,11 @@ from pipeline.faults import fault_point
 from pipeline.job.config import Job
 from pipeline.job.sections import SinkSettings
 from pipeline.plan.build import RejectedRows
+from pipeline.plan.parallel import PoolFactory
 from pipeline.readers import check_source, read_documents, source_files
+from pipeline.records import Document
+from pipeline.run.cluster.actors import ActorPool
+from pipeline.run.cluster.stages import OnCluster
 from pipeline.run.context import JobContext, RunOptions
 from pipeline.run.devices import Slot, in_process, planner_processes, worker_slots
 from pipeline.run.execute import Executor
@@ -46,11 +51,26 @@ class _Parts:
     worker processes) and its sinks."""
 
     def __init__(self, ctx: JobContext, slots: list[Slot], embedder: Embedder | None,
-                 embedder_factory: Callable[[], Embedder] | None) -> None:
+                 embedder_factory: Callable[[], Embedder] | None,
+                 cluster: OnCluster | None = None) -> None:
         self.ctx, self.slots, self.lent, self.factory = ctx, slots, embedder, embedder_factory
-        if embedder is not None and not in_process(slots):
-            raise ConfigError("a lent embedder runs in the run's own process: no --gpus or "
-                              "--workers with it")
+        self.cluster = cluster
+        if embedder is not None and not (in_process(slots) and cluster is None):
+            raise ConfigError("a lent embedder runs in the run's own process: no --gpus, "
+                              "--workers or runner ray with it")
+
+    def joined(self, report: RunReport) -> AbstractContextManager[object]:
+        """The Ray cluster, for the run's stages (nothing for a local run)."""
+        return nullcontext() if self.cluster is None else self.cluster.joined(report)
+
+    def documents(self, rejected: RejectedRows) -> Iterator[Document]:
+        job = self.ctx.job
+        if self.cluster is not None:
+            return self.cluster.documents(rejected)
+        return read_documents(job.source, job.resolve, rejected)
+
+    def chunk_pool(self) -> PoolFactory | None:
+        return None if self.cluster is None else self.cluster.chunk_pool()
 
     def _maker(self, share: int = 1) -> Callable[[], Embedder]:
         """A picklable factory: a worker process makes its own embedder with it."""
@@ -58,7 +78,9 @@ class _Parts:
         return self.factory or functools.partial(
             ctx.job.model.sharing_device(share).make, ctx.info, ctx.tokenizer.pad_id)
 
-    def engine(self, budget: SafeBudget) -> ResilientEmbedding | WorkerPool:
+    def engine(self, budget: SafeBudget) -> ResilientEmbedding | WorkerPool | ActorPool:
+        if self.cluster is not None:
+            return self.cluster.engine(self._maker(), budget.limit, budget.ceiling)
         if self.lent is not None:  # used as it is: never closed nor restarted by the run
             lent = self.lent
             return ResilientEmbedding(lambda: wrap_embedder(lent), budget, max_restarts=0)
@@ -72,7 +94,7 @@ class _Parts:
                           + job.batching.token_budget,
                           threads=max(1, cpus // len(self.slots)) if on_cpu else None)
 
-    def close(self, engine: ResilientEmbedding | WorkerPool) -> None:
+    def close(self, engine: ResilientEmbedding | WorkerPool | ActorPool) -> None:
         if self.lent is None:
             engine.close()
 
@@ -126,11 +148,19 @@ def _run_locked(job: Job, options: RunOptions, report: RunReport, stop: StopRequ
                 given: tuple[Embedder | None, Callable[[], Embedder] | None]) -> None:
     check_source(job.source, job.resolve)  # before the model: a typo in a path fails at once
     flag = options.gpus is not None
-    slots = worker_slots(options.gpus if flag else job.model.gpus,
-                         options.workers or job.model.workers, job.model.device,
-                         key="--gpus" if flag else "model.gpus")
+    cluster = None
+    if (options.runner or job.runner) == "ray":
+        if flag or options.workers:
+            raise ConfigError("--gpus and --workers pick this host's devices; with runner ray, "
+                              "set ray.actors (one per GPU of the cluster by default)")
+        cluster = OnCluster(job, options.ray_address)
+        slots = [Slot(0, None, 1)]
+    else:
+        slots = worker_slots(options.gpus if flag else job.model.gpus,
+                             options.workers or job.model.workers, job.model.device,
+                             key="--gpus" if flag else "model.gpus")
     ctx = JobContext.load(job)
-    parts = _Parts(ctx, slots, *given)
+    parts = _Parts(ctx, slots, *given, cluster=cluster)
     report.fingerprint = ctx.fingerprint
     stop.check()
     retries = (job.sink.retries, job.sink.retry_base_delay_s)
@@ -173,7 +203,8 @@ def _run_locked(job: Job, options: RunOptions, report: RunReport, stop: StopRequ
                                              plan.generation))
             if fresh and not plan.in_place:
                 with_retries(sink.discard_target, *retries)
-            _run_phases(ctx, parts, options, checkpoint, sync, sink, stop, report)
+            with parts.joined(report):
+                _run_phases(ctx, parts, options, checkpoint, sync, sink, stop, report)
         finally:
             sync.close()
 
@@ -193,7 +224,7 @@ def _run_phases(ctx: JobContext, parts: _Parts, options: RunOptions, checkpoint:
         with_retries(lambda: sink.on_write_start(ctx.dimension), *retries)
         rejected = RejectedRows(dead)
         docs = resync_plan(store, checkpoint, sink, sync,
-                           lambda: read_documents(job.source, job.resolve, rejected), rejected,
+                           lambda: parts.documents(rejected), rejected,
                            dead, plan.in_place, retries, report, ctx.settings_changed(plan))
         if plan.plan_settings != job.plan_settings():
             checkpoint.run = plan = plan.planned_with(job.plan_settings())  # the plan is now
@@ -208,8 +239,8 @@ def _run_phases(ctx: JobContext, parts: _Parts, options: RunOptions, checkpoint:
                         [os.path.relpath(f, job.base_dir) for f in files])
             planner = Planner(ctx, docs, rejected, dead, options.limit,
                               sync.unchanged if plan.skip_unchanged else None,
-                              planner_processes(job.batching.planner_processes, parts.slots)
-                              ).start()
+                              planner_processes(job.batching.planner_processes, parts.slots),
+                              parts.chunk_pool()).start()
         stop.check()
         t_model = time.monotonic()
         engine = parts.engine(SafeBudget(checkpoint.safe_token_budget,
@@ -221,12 +252,13 @@ def _run_phases(ctx: JobContext, parts: _Parts, options: RunOptions, checkpoint:
         try:
             try:
                 windows = all_windows(known, planner, report, bar)
+                rates = engine.rates if isinstance(engine, (WorkerPool, ActorPool)) else None
                 Executor(ctx, checkpoint, engine, writer, dead, report, bar, stop,
-                         engine.rates if isinstance(engine, WorkerPool) else None).run(windows)
+                         rates).run(windows)
             finally:
                 parts.close(engine)
                 report.extra["engine_restarts"] = engine.restarts
-                if isinstance(engine, WorkerPool):
+                if isinstance(engine, (WorkerPool, ActorPool)):
                     report.workers = [w.to_dict() for w in engine.stats]
         except BaseException:
             if planner is not None:

@@ -18,10 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import one_line
+
+if TYPE_CHECKING:  # imported where the worker runs: torch loads only after its env is set
+    from pipeline.embedders.resilient import ResilientEmbedding
 
 END = "end"  # no more batches: drain, close the engine, exit
 _IDLE_S = 0.05  # no batch waiting this long: let the engine drain what it holds
@@ -35,6 +39,14 @@ class WorkerSpec:
     budget: int | None
     ceiling: int
     label: str
+
+    def engine(self) -> ResilientEmbedding[Work]:
+        """The worker's embedder, with the same back-off and restarts as in the run's process."""
+        from pipeline.embedders.faulty import wrap_embedder
+        from pipeline.embedders.resilient import ResilientEmbedding, SafeBudget
+
+        return ResilientEmbedding(lambda: wrap_embedder(self.make()),  # type: ignore[arg-type]
+                                  SafeBudget(self.budget, ceiling=self.ceiling))
 
 
 @dataclass
@@ -61,56 +73,70 @@ def serve(env: dict[str, str], spec_blob: bytes, tasks: Connection, results: Con
         _serve(pickle.loads(spec_blob), tasks, results)  # imports torch only now
     except BaseException as e:  # noqa: BLE001 - reported to the run, which raises it
         try:
-            results.send(("error", _portable(e)))
+            results.send(("error", portable(e)))
         except (OSError, EOFError):
             pass
         os._exit(1)
 
 
 def _serve(spec: WorkerSpec, tasks: Connection, results: Connection) -> None:
-    from pipeline.embedders.faulty import wrap_embedder
-    from pipeline.embedders.resilient import ResilientEmbedding, SafeBudget
-    from pipeline.faults import fault_point
-
     t0 = time.monotonic()
-    engine: ResilientEmbedding[Work] = ResilientEmbedding(
-        lambda: wrap_embedder(spec.make()),  # type: ignore[arg-type]
-        SafeBudget(spec.budget, ceiling=spec.ceiling))
+    engine = spec.engine()
     unfit: dict[str, list[tuple[int, str]]] = {}
     engine.on_unfit = lambda b, row, err: unfit.setdefault(b.batch_id, []).append(
         (row, one_line(err)))
     results.send(("ready", time.monotonic() - t0))
-    inbox = _Inbox(tasks)
+    inbox = Inbox()
+    threading.Thread(target=_read, args=(tasks, inbox), daemon=True).start()
     sent_s = 0.0
+
+    def send(work: Work, vectors: np.ndarray) -> None:
+        nonlocal sent_s
+        t = time.monotonic()
+        results.send(("result", work.batch_id, vectors, unfit.pop(work.batch_id, []),
+                      engine.budget.limit, engine.restarts, inbox.waited_s, sent_s))
+        sent_s += time.monotonic() - t
+
     try:
-        while (first := inbox.get(None)) is not None:
-            for work, vectors in engine.run(inbox.stream(first)):
-                fault_point("worker_after_embed")
-                t = time.monotonic()
-                results.send(("result", work.batch_id, vectors, unfit.pop(work.batch_id, []),
-                              engine.budget.limit, engine.restarts, inbox.waited_s, sent_s))
-                sent_s += time.monotonic() - t
+        embed_inbox(engine, inbox, send)
     finally:
         engine.close()
 
 
-class _Inbox:
-    """The task pipe read on a thread, so a batch sent while the engine computes is waiting
-    when the engine asks for one. ``waited_s``: time the engine stood idle for want of one."""
+def embed_inbox(engine: ResilientEmbedding[Work], inbox: Inbox,
+                send: Callable[[Work, np.ndarray], None]) -> None:
+    """Embed what arrives until the inbox ends: one engine stream while batches keep coming
+    (so the engine never drains between them), a new one after a pause."""
+    from pipeline.faults import fault_point
 
-    def __init__(self, tasks: Connection) -> None:
+    while (first := inbox.get(None)) is not None:
+        for work, vectors in engine.run(inbox.stream(first)):
+            fault_point("worker_after_embed")
+            send(work, vectors)
+
+
+def _read(tasks: Connection, inbox: Inbox) -> None:
+    """The task pipe read on a thread, so a batch sent while the engine computes is waiting
+    when the engine asks for one."""
+    try:
+        while (msg := tasks.recv()) != END:
+            inbox.put(msg)
+    except (EOFError, OSError):  # the run's process is gone
+        pass
+    inbox.put(None)
+
+
+class Inbox:
+    """Batches waiting for the engine (None: no more). ``waited_s``: time the engine stood
+    idle for want of one."""
+
+    def __init__(self) -> None:
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._ended = self._started = False
         self.waited_s = 0.0
-        threading.Thread(target=self._read, args=(tasks,), daemon=True).start()
 
-    def _read(self, tasks: Connection) -> None:
-        try:
-            while (msg := tasks.recv()) != END:
-                self._queue.put(msg)
-        except (EOFError, OSError):  # the run's process is gone
-            pass
-        self._queue.put(None)
+    def put(self, item: Work | None) -> None:
+        self._queue.put(item)
 
     def get(self, timeout: float | None) -> Work | None:
         """The next batch; None at the end. Raises queue.Empty after ``timeout``."""
@@ -138,7 +164,7 @@ class _Inbox:
             yield item
 
 
-def _portable(error: BaseException) -> BaseException:
+def portable(error: BaseException) -> BaseException:
     """The error itself when it survives pickling (a JobError stays a JobError), else a
     RuntimeError with its message."""
     try:
