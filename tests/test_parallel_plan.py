@@ -218,7 +218,8 @@ CALLER = """
 import os, sys, time
 from pipeline.chunking import Chunker, ModelTokenizer
 from pipeline.job.sections import ChunkingConfig
-from pipeline.plan.parallel import Ahead, ChunkPool
+from pipeline.plan.parallel import Ahead
+from pipeline.plan.processes import ChunkPool
 from pipeline.records import Document
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from pipeline.faults import fault_point
 from pipeline.job.sections import BatchingConfig
 from pipeline.keys import chunk_pk
 from pipeline.plan.batching import PlanRow, WindowBuilder, WindowStats
-from pipeline.plan.parallel import ChunkPool, Lookup, Planned, Pool, PoolFactory, RowsOf, read_ahead
+from pipeline.plan.parallel import Lookup, Planned, Pool, PoolFactory, RowsOf, read_ahead
+from pipeline.plan.processes import ChunkPool
 from pipeline.plan.store import PlanStore
 from pipeline.records import (
     DUPLICATE,
