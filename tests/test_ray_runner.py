@@ -64,12 +64,17 @@ def _counters(report: dict) -> None:
 @pytest.mark.parametrize("kind", ["milvus", "parquet"])
 def test_ray_stores_what_the_local_runner_stores(tmp_path, reference, kind, cluster_marker):
     job = _ray_job(tmp_path, kind)
-    done = run(job, "--runner", "ray", process=True, env=cluster_marker, expect={0})
+    prom = tmp_path / "run.prom"
+    done = run(job, "--runner", "ray", "--prom", str(prom), process=True, env=cluster_marker,
+               expect={0})
     assert_same_store(stored_rows(job), reference[kind])  # keys equal, cosine >= 0.9999
     report = done.report
     assert report["status"] == "completed" and report["batches_embedded"] == report["batches"]
     _counters(report)
     assert sum(1 for w in report["workers"] if w["batches"]) == 2, "both actors embed"
+    metrics = prom.read_text()
+    assert f'embed_job_cluster_cpus{{job="t"}} {float(os.cpu_count() or 0)}' in metrics
+    assert 'embed_job_worker_tokens_per_second{job="t",worker="ray-cpu1"}' in metrics
 
 
 def _parquet_source(directory: Path) -> list[dict]:

@@ -130,6 +130,14 @@ class RunReport:
             lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge"]
             lines += [f'embed_job_{name}{{{label},worker="{w["worker"]}"}} {w[key]}'
                       for w in self.workers]
+        for name, key, help_ in [
+            ("cluster_nodes", "nodes", "Ray nodes alive when the run started"),
+            ("cluster_cpus", "cpus", "the Ray cluster's CPUs"),
+            ("cluster_gpus", "gpus", "the Ray cluster's GPUs"),
+            ("cluster_start_seconds", "start_s", "time to join (or start) the Ray cluster"),
+        ] if self.cluster else []:
+            lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge",
+                      f"embed_job_{name}{{{label}}} {self.cluster[key]}"]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
     def summary(self) -> str:
