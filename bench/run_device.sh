@@ -79,30 +79,32 @@ case " $what " in *" plan "*)
   grep "^\[bench" "$OUT/plan.log" | tail -6
   ;; esac
 
+# the command itself in fresh processes, variants side by side (bench/cli_workers.py):
+# cli_variants WORD VARIANTS LIMIT BACKENDS; exactly-once is checked on each output
+cli_variants() {
+  local word=$1 variants=$2 limit=$3 b
+  for b in $4; do
+    run_group "$limit" python3 bench/cli_workers.py --backend "$b" --variants "$variants" \
+      --copies "${BENCH_COPIES:-2}" --out "$OUT" --deadline "$(( limit - 20 ))" \
+      > "$OUT/$word-$b.log" 2>&1
+    echo "$word $b rc=$? after $(( $(date +%s) - T0 ))s"
+    grep "^RESULT" "$OUT/$word-$b.log" | cut -c1-700
+  done
+}
+
 # every GPU of the host: the command with --gpus 1 and --gpus all (GPU count: BENCH_GPUS, else
 # nvidia-smi); on one GPU, one engine in the run's process beside two workers sharing it
 case " $what " in *" workers "*)
   gpus="${BENCH_GPUS:-$(nvidia-smi -L | grep -c '^GPU ')}"
   variants="gpus=1,gpus=all"; [ "$gpus" -le 1 ] && variants="plain,gpus=1:workers=2"
-  for b in ${BENCH_WORKERS_BACKENDS:-sglang transformers}; do
-    run_group "${BENCH_LIMIT_WORKERS:-300}" python3 bench/cli_workers.py --backend "$b" \
-      --variants "${BENCH_VARIANTS:-$variants}" --copies "${BENCH_COPIES:-2}" --out "$OUT" \
-      --deadline "$(( ${BENCH_LIMIT_WORKERS:-300} - 20 ))" > "$OUT/workers-$b.log" 2>&1
-    echo "workers $b rc=$? after $(( $(date +%s) - T0 ))s"
-    grep "^RESULT" "$OUT/workers-$b.log" | cut -c1-600
-  done
+  cli_variants workers "${BENCH_VARIANTS:-$variants}" "${BENCH_LIMIT_WORKERS:-300}" \
+    "${BENCH_WORKERS_BACKENDS:-sglang transformers}"
   ;; esac
 
-# the Ray runner: the command with --runner ray (a local cluster, one GPU actor) beside the
-# local command, in fresh processes, exactly-once checked (carry .ray, .whl with jsonschema)
+# the Ray runner: --runner ray (a local cluster of the host, one GPU actor) beside the local
+# command (carry .ray, and .whl with jsonschema, referencing, jsonschema-specifications, rpds-py)
 case " $what " in *" ray "*)
-  for b in ${BENCH_RAY_BACKENDS:-sglang}; do
-    run_group "${BENCH_LIMIT_RAY:-300}" python3 bench/cli_workers.py --backend "$b" \
-      --variants "plain,runner=ray" --copies "${BENCH_COPIES:-2}" --out "$OUT" \
-      --deadline "$(( ${BENCH_LIMIT_RAY:-300} - 20 ))" > "$OUT/ray-$b.log" 2>&1
-    echo "ray $b rc=$? after $(( $(date +%s) - T0 ))s"
-    grep "^RESULT" "$OUT/ray-$b.log" | cut -c1-700
-  done
+  cli_variants ray "plain,runner=ray" "${BENCH_LIMIT_RAY:-300}" "${BENCH_RAY_BACKENDS:-sglang}"
   ;; esac
 
 modes=""

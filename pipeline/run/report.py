@@ -99,6 +99,7 @@ class RunReport:
         """Counters in the node-exporter textfile format, replaced atomically."""
         label = f'job="{self.job}"'
         lines = []
+        cluster = self.cluster
         for name, value, help_ in [
             ("docs_added", self.docs_added, "documents embedded for the first time"),
             ("docs_updated", self.docs_updated, "changed documents re-embedded"),
@@ -118,7 +119,12 @@ class RunReport:
             ("success", int(self.status == "completed"), "1 if the run completed"),
             ("last_run_timestamp_seconds", round(time.time(), 3),
              "when this file was written (a stale file shows the job stopped running)"),
-        ]:
+        ] + ([
+            ("cluster_nodes", cluster["nodes"], "Ray nodes alive when the run started"),
+            ("cluster_cpus", cluster["cpus"], "the Ray cluster's CPUs"),
+            ("cluster_gpus", cluster["gpus"], "the Ray cluster's GPUs"),
+            ("cluster_start_seconds", cluster["start_s"], "time to join (or start) the cluster"),
+        ] if cluster else []):
             lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge",
                       f"embed_job_{name}{{{label}}} {value}"]
         for name, key, help_ in [
@@ -130,14 +136,6 @@ class RunReport:
             lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge"]
             lines += [f'embed_job_{name}{{{label},worker="{w["worker"]}"}} {w[key]}'
                       for w in self.workers]
-        for name, key, help_ in [
-            ("cluster_nodes", "nodes", "Ray nodes alive when the run started"),
-            ("cluster_cpus", "cpus", "the Ray cluster's CPUs"),
-            ("cluster_gpus", "gpus", "the Ray cluster's GPUs"),
-            ("cluster_start_seconds", "start_s", "time to join (or start) the Ray cluster"),
-        ] if self.cluster else []:
-            lines += [f"# HELP embed_job_{name} {help_}", f"# TYPE embed_job_{name} gauge",
-                      f"embed_job_{name}{{{label}}} {self.cluster[key]}"]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
     def summary(self) -> str:
