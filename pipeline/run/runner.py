@@ -198,12 +198,14 @@ def _run_locked(job: Job, options: RunOptions, report: RunReport, stop: StopRequ
             sync.record_generation(plan.target, ctx.fingerprint, plan.generation)
             if fresh:
                 DeadLetterFile.rotate(job.dead_letter_file)
-            sink = parts.sink(plan.target, plan.base,
-                              GenerationMark(job.name, sync.state_id, ctx.fingerprint,
-                                             plan.generation))
-            if fresh and not plan.in_place:
-                with_retries(sink.discard_target, *retries)
+            # the cluster first: a connection to the destination left idle while a cluster
+            # starts is dropped by the server's keep-alive policy (Milvus Lite: too_many_pings)
             with parts.joined(report):
+                sink = parts.sink(plan.target, plan.base,
+                                  GenerationMark(job.name, sync.state_id, ctx.fingerprint,
+                                                 plan.generation))
+                if fresh and not plan.in_place:
+                    with_retries(sink.discard_target, *retries)
                 _run_phases(ctx, parts, options, checkpoint, sync, sink, stop, report)
         finally:
             sync.close()
