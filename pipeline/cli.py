@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import click
 import yaml
 
-from pipeline.commands.audit import audit_command
+from pipeline.commands.audit_cli import audit_command
 from pipeline.commands.evaluate import eval_command
 from pipeline.commands.search import search
 from pipeline.errors import (

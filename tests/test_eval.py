@@ -5,6 +5,7 @@ of the same, and the self-retrieval sample."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,97 @@ def test_the_publish_gate_blocks_a_bad_generation_and_lets_a_good_one_through(tm
     assert "sync.publish_gate" in line and "< min_recall_at_10 0.8" in line
     assert published_version(tmp_path / "vectors") == first  # readers (this process) stay
     assert blocked.report["extra"]["publish_gate"]["by_dimension"]["4"]["recall"] < 0.8
+    low = blocked.report["extra"]["publish_gate"]["agreement_at_10"]  # before the next run's report
     job = make_job(tmp_path, docs, model={"dimension": 256}, sync={"publish_gate": gate},
                    **settings)
-    passed = run(job, "--restart", process=True, expect={0})  # the blocked build is dropped
+    passed = run(job, "--restart", process=True, quiet=False, expect={0})  # the blocked build is dropped
     assert published_version(tmp_path / "vectors") != first
     assert passed.report["extra"]["publish_gate"]["by_dimension"]["256"]["recall"] >= 0.8
+    # old vs new agreement on a model change: informational, beside the gate's figures
+    high = passed.report["extra"]["publish_gate"]["agreement_at_10"]
+    assert low["previous"] == high["previous"] == first.name
+    assert low["chunks"] == high["chunks"] == 30  # every sampled chunk is in both generations
+    assert 0 <= low["at_10"] < 0.5 < high["at_10"] <= 1  # 4 of 384 dimensions vs 256 of 384
+    assert f"agreement@10 with {first.name}: {high['at_10']:.3f} on 30 chunks" in passed.stderr
+    second = published_version(tmp_path / "vectors")
+    job = make_job(tmp_path, docs, model={"dimension": 128},
+                   sync={"publish_gate": {**gate, "min_agreement_at_10": 0.99}}, **settings)
+    blocked = run(job, process=True, expect={2})
+    line, = [x for x in blocked.stderr.splitlines() if x.startswith("error")]
+    assert "< min_agreement_at_10 0.99 on 30 chunks" in line and second.name in line
+    assert published_version(tmp_path / "vectors") == second
+
+
+def test_agreement_is_the_overlap_of_each_chunks_neighbours_in_both_generations():
+    from pipeline.run.agreement import agreement_at_10
+    from pipeline.sinks.base import ScannedRows, Searchable
+
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    class Two(Searchable):
+        """Two generations of 40 chunks (keys differ, as between generations); "new" has
+        one chunk "old" lacks."""
+
+        def __init__(self):
+            base = unit(rng.normal(size=(41, 8)))
+            self.rows = {"old": (base[:40], [f"o{i}" for i in range(40)]),
+                         "new": (unit(base + 0.3 * rng.normal(size=base.shape)),
+                                 [f"n{i}" for i in range(41)])}
+
+        def search(self, vectors, k, generation=None):
+            raise AssertionError("exact search only")
+
+        def scan(self, generation=None):
+            vectors, pks = self.rows[generation]
+            n = len(pks)
+            for s in range(0, n, 16):
+                yield ScannedRows(pks[s:s + 16], [f"d{i // 4}" for i in range(s, min(n, s + 16))],
+                                  [i % 4 for i in range(s, min(n, s + 16))], ["h"] * len(pks[s:s + 16]),
+                                  vectors[s:s + 16])
+
+    two = Two()
+    same = agreement_at_10(two, "old", "old", sample=100)
+    assert same.chunks == 40 and same.at_10 == 1.0
+    got = agreement_at_10(two, "new", "old", sample=100)
+    assert got.chunks == 40 and got.previous == "old"  # the 41st chunk is not in "old"
+    want = []
+    for name in ("new", "old"):
+        v = two.rows[name][0]
+        scores = v[:40] @ v.T  # in "new", the 41st chunk may be a neighbour
+        scores[np.arange(40), np.arange(40)] = -np.inf  # the chunk itself is left out
+        want.append([set(row[:10].tolist()) for row in np.argsort(-scores, axis=1)])
+    expected = np.mean([len(a & b) / 10 for a, b in zip(*want)])
+    assert got.at_10 == pytest.approx(expected, abs=1e-4) and got.at_10 < 1
+    assert agreement_at_10(two, "new", "old", sample=5).chunks <= 5
+
+
+@MILVUS
+def test_plot_draws_quality_against_dimension(demo_index, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    png = tmp_path / "dims.png"
+    done = invoke("eval", str(demo_index), "--queries", str(QUERIES), "--dims", "64,128,full",
+                  "--plot", str(png))
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip().endswith(f"plot: {png}")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = imread(png).shape
+    assert width > 600 and height > 400
+    done = invoke("eval", str(demo_index), "--plot", str(tmp_path / "no" / "dims.png"))
+    assert done.exit_code == 2
+    line, = done.output.strip().splitlines()
+    assert "is not a directory" in line
+
+
+def test_plot_without_matplotlib_is_one_line(monkeypatch, tmp_path):
+    job = make_job(tmp_path, DOCS[:2])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    done = invoke("eval", str(job), "--plot", str(tmp_path / "dims.png"))
+    assert done.exit_code == 2
+    line, = done.output.strip().splitlines()
+    assert "pip install matplotlib" in line
+    assert not (tmp_path / "dims.png").exists()

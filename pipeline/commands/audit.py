@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from pipeline.chunking import Chunker
-from pipeline.commands.live import fail, live_index
-from pipeline.errors import EXIT_AUDIT_MISMATCH, JobError
+from pipeline.commands.live import live_index
 from pipeline.job.config import Job
-from pipeline.job.load import load_job
 from pipeline.records import DeadLetter
 from pipeline.run.context import JobContext, check_sink
 from pipeline.sinks.base import norms
@@ -49,6 +45,10 @@ CHECKS: dict[str, tuple[str, str]] = {
     "duplicate_keys": (
         "primary keys stored more than once",
         "SELECT pk FROM idx GROUP BY pk HAVING COUNT(*) > 1"),
+    "duplicate_chunks": (
+        "chunks stored more than once under different primary keys",
+        "SELECT doc_id || '#' || chunk_index FROM idx GROUP BY doc_id, chunk_index "
+        "HAVING COUNT(DISTINCT pk) > 1"),
     "chunk_counts": (
         "documents whose chunks in the index are not those the current chunking gives",
         "SELECT s.doc_id FROM src s JOIN (SELECT doc_id, COUNT(DISTINCT chunk_index) n, "
@@ -59,6 +59,20 @@ CHECKS: dict[str, tuple[str, str]] = {
         "vectors that are not finite, or not unit length when model.normalize is on",
         "SELECT doc_id || '#' || chunk_index FROM idx WHERE norm IS NULL "
         "OR (:normalize AND abs(norm - 1) > :unit) OR norm > 1e30"),
+}
+# kind -> the documents its findings concern: what ``--repair`` re-embeds or deletes
+DOCUMENTS: dict[str, str] = {
+    "missing_documents": CHECKS["missing_documents"][1],
+    "orphan_rows": "SELECT doc_id FROM idx WHERE doc_id NOT IN (SELECT doc_id FROM src)",
+    "stale_rows": "SELECT i.doc_id FROM idx i JOIN src s ON s.doc_id = i.doc_id "
+                  "WHERE i.hash != s.hash",
+    "duplicate_keys": "SELECT doc_id FROM idx WHERE pk IN (SELECT pk FROM idx GROUP BY pk "
+                      "HAVING COUNT(*) > 1)",
+    "duplicate_chunks": "SELECT doc_id FROM idx GROUP BY doc_id, chunk_index "
+                        "HAVING COUNT(DISTINCT pk) > 1",
+    "chunk_counts": CHECKS["chunk_counts"][1],
+    "bad_vectors": "SELECT doc_id FROM idx WHERE norm IS NULL "
+                   "OR (:normalize AND abs(norm - 1) > :unit) OR norm > 1e30",
 }
 
 
@@ -94,6 +108,14 @@ class AuditResult:
 
 
 def audit(job: Job) -> AuditResult:
+    with reconciled(job) as (_, result):
+        return result
+
+
+@contextmanager
+def reconciled(job: Job) -> Iterator[tuple[sqlite3.Connection, AuditResult]]:
+    """The audit's result, and its SQLite file while it lasts (tables ``src``, ``idx``,
+    ``dead``), where ``DOCUMENTS`` finds every document a finding concerns."""
     ctx = JobContext.load(job)
     check_sink(job)
     out = AuditResult(job.name)
@@ -109,16 +131,21 @@ def audit(job: Job) -> AuditResult:
             out.chunks_expected = db.execute("SELECT COALESCE(SUM(chunks), 0) FROM src"
                                              ).fetchone()[0]
             out.rows = _fill(db, "idx", _stored(job))
-            db.executescript("CREATE INDEX idx_doc ON idx (doc_id); CREATE INDEX idx_pk ON idx "
-                             "(pk); CREATE INDEX dead_doc ON dead (doc_id);")
-            args = {"normalize": job.model.normalize, "unit": UNIT}
+            db.executescript("CREATE INDEX idx_doc ON idx (doc_id, chunk_index); CREATE INDEX "
+                             "idx_pk ON idx (pk); CREATE INDEX dead_doc ON dead (doc_id);")
+            args = query_args(job)
             for kind, (_, query) in CHECKS.items():
                 count = db.execute(f"SELECT COUNT(*) FROM ({query})", args).fetchone()[0]
                 first = [r[0] for r in db.execute(f"{query} LIMIT {FIRST}", args)]
                 out.findings[kind] = {"count": count, "first": first}
+            yield db, out
         finally:
             db.close()
-    return out
+
+
+def query_args(job: Job) -> dict[str, Any]:
+    """The parameters of the checks' queries."""
+    return {"normalize": job.model.normalize, "unit": UNIT}
 
 
 def _fill(db: sqlite3.Connection, table: str, rows: Iterable[tuple], verb: str = "INSERT"
@@ -170,23 +197,3 @@ def _stored(job: Job) -> Iterator[tuple[str, str, int, str, float | None]]:
                     rows.pks, rows.doc_ids, rows.chunk_indexes, rows.doc_hashes,
                     norms(rows.vectors).tolist()):
                 yield pk, doc, index_, doc_hash, norm if norm == norm else None  # NaN: NULL
-
-
-@click.command(name="audit")
-@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def audit_command(job_file: Path, as_json: bool) -> None:
-    """Reconcile the source with the live index, document by document.
-
-    Reports documents missing from the index, rows whose document is gone (orphans) or
-    changed (stale), duplicate keys, chunk counts that differ from the current chunking, and
-    vectors that are not finite or not unit length. Exit 0 when the index matches the
-    source, 7 when it does not (2 for a bad job file or an unreadable destination).
-    """
-    try:
-        result = audit(load_job(job_file))
-    except JobError as e:
-        fail(e)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
-    if not result.ok:
-        sys.exit(EXIT_AUDIT_MISMATCH)

@@ -126,7 +126,12 @@ class PublishGate(Strict):
                                     "generation must reach on the queries")
     queries: str | None = Field(None, description="JSONL of {query, relevant} or a BEIR "
                                 "directory; None: a self-retrieval sample of the source")
-    sample: int = Field(200, gt=0, description="documents sampled when queries is None")
+    sample: int = Field(200, gt=0, description="documents sampled when queries is None; and "
+                        "chunks sampled to compare the new generation with the old one")
+    min_agreement_at_10: float | None = Field(
+        None, ge=0, le=1, description="on a model or settings change: the mean overlap of the "
+        "top-10 neighbours of sampled chunks, old generation vs new, the new one must reach; "
+        "None: reported, never blocks")
 
 
 class SyncConfig(Strict):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from dataclasses import asdict
 
 from pipeline.errors import JobError, SinkError
 from pipeline.faults import fault_point
 from pipeline.plan.store import PlanStore
 from pipeline.records import DUPLICATE
+from pipeline.run.agreement import agreement_at_10, agreement_failure
 from pipeline.run.context import JobContext
 from pipeline.run.report import RunReport
 from pipeline.run.retrieval import gate_failure
@@ -57,7 +59,7 @@ def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: 
     keep = history[:job.sync.keep_previous]
     if job.sync.publish_gate is not None and published is not None \
             and published.target != run.target:
-        _gate(ctx, sink, run.target, published.target, report)
+        _gate(ctx, sink, run.target, published, report)
     sink.publish()
     files = store.source_files or []
     if job.sync.delete_missing and not deleting:
@@ -75,14 +77,22 @@ def publish_run(ctx: JobContext, checkpoint: Checkpoint, sync: SyncState, sink: 
     _finish(ctx, report, counts, sum(actual.values()))
 
 
-def _gate(ctx: JobContext, sink: Generations, target: str, live: str, report: RunReport
-          ) -> None:
-    """The new generation's retrieval figures against the gate, before readers switch."""
+def _gate(ctx: JobContext, sink: Generations, target: str, published: Published,
+          report: RunReport) -> None:
+    """The new generation's retrieval figures against the gate, before readers switch; on a
+    model or settings change, its agreement with the generation it replaces too."""
+    job = ctx.job
+    gate = job.sync.publish_gate
+    assert gate is not None
     if not isinstance(sink, Searchable):
-        raise JobError(f"{ctx.job.source_file}: sync.publish_gate: sink.kind "
-                       f"{ctx.job.sink.kind} cannot be searched")
-    failure, result = gate_failure(ctx.job, sink, target, live)
-    report.extra["publish_gate"] = result.to_dict()
+        raise JobError(f"{job.source_file}: sync.publish_gate: sink.kind {job.sink.kind} cannot "
+                       f"be searched")
+    failure, result = gate_failure(job, sink, target, published.target)
+    figures = report.extra["publish_gate"] = result.to_dict()
+    if published.fingerprint != ctx.fingerprint:
+        agreement = agreement_at_10(sink, target, published.target, gate.sample)
+        figures["agreement_at_10"] = asdict(agreement)
+        failure = failure or agreement_failure(gate, target, agreement)
     if failure is not None:
         raise JobError(failure)
 

@@ -159,6 +159,8 @@ class RunReport:
             f"  waits         {self.waited_for_plan_s:,.1f} s for the plan (reading, chunking), "
             f"{self.waited_for_sink_s:,.1f} s for the sink",
         ]
+        if "publish_gate" in self.extra:
+            lines.append(_gate_line(self.extra["publish_gate"]))
         if self.cluster:
             c = self.cluster
             lines.append(f"  cluster       ray at {c['address']}: {c['nodes']} node(s), "
@@ -172,3 +174,16 @@ class RunReport:
         if self.error:
             lines.append(f"  error         {self.error}")
         return redact("\n".join(lines), self._secrets)
+
+
+def _gate_line(gate: dict[str, Any]) -> str:
+    """The publish gate's figures: recall@10, and on a model change the agreement@10 with the
+    generation replaced."""
+    recall = next(iter(gate["by_dimension"].values()))["recall"]
+    line = f"  gate          recall@10 {recall:.3f} on {gate['queries']} {gate['kind']} queries"
+    agreement = gate.get("agreement_at_10")
+    if agreement is not None:
+        found = ("not measured (no sampled chunk in both)" if agreement["at_10"] is None
+                 else f"{agreement['at_10']:.3f} on {agreement['chunks']} chunks")
+        line += f"; agreement@10 with {agreement['previous']}: {found}"
+    return line

@@ -151,6 +151,11 @@ class SyncState:
     def doc_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM docs").fetchone()[0])
 
+    def doc_ids(self) -> Iterator[str]:
+        """Every published document's id, streamed."""
+        for (doc_id,) in self._db.execute("SELECT doc_id FROM docs"):
+            yield doc_id
+
     def forget_docs(self, doc_ids: Iterable[str]) -> None:
         """Documents whose vectors an interrupted run's discarded plan may have written (and
         the rollback deleted): never skipped as unchanged, and, if the source no longer has
