@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, as run on the device machine (H100), from the repository root:
 #
-#   bash bench/run_device.sh [transformers] [rss] [workers] [ray] [plan] [sglang | bf16 fp8 awq]
+#   bash bench/run_device.sh [transformers] [rss] [workers] [ray] [plan] [tf-fp8] [fp8-all]
+#                            [sglang | bf16 fp8 awq]
 #
+# fp8 is SGLang's online FP8; tf-fp8 the transformers backend's model.quantization: fp8 beside
+# its bf16 (bench/gpu_fp8.py); fp8-all both, SGLang's raw engine only (BENCH_STAGES_FP8=raw):
+# transformers bf16, transformers fp8 and SGLang fp8 side by side in one call (~8-9 minutes).
 # Needs: the SGLang bundle (shared/sglang-device/, or a copy of its activate.sh and archive in
 # .sgl/, carried) for SGLang
 # and for pydantic; wheels in .whl/ for what the device lacks (datasets, multiprocess). plan
 # needs no GPU nor SGLang: .bench-data/ (bench/plan_corpus.py, carried) and pydantic's wheels.
-# Writes setup.log, transformers.log, sglang.log, results.jsonl and table.md to $OUT
+# Writes setup.log, transformers.log, tf-fp8.log (+ trace-fp8.json.gz), sglang.log, results.jsonl
+# and table.md to $OUT
 # (default bench/out) and prints the table last.
 set -u
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 what="${*:-transformers bf16}"  # all of it: "transformers bf16", then "fp8 awq" (10 min a call)
+case " $what " in *" fp8-all "*)
+  what="$what tf-fp8 fp8"; BENCH_STAGES_FP8="${BENCH_STAGES_FP8:-raw}"
+  BENCH_LIMIT_TF_FP8="${BENCH_LIMIT_TF_FP8:-280}"; BENCH_LIMIT_FP8="${BENCH_LIMIT_FP8:-190}";; esac
 T0=$(date +%s)
 
 {
@@ -60,6 +68,16 @@ case " $what " in *" transformers "*)
     --deadline "$(( ${BENCH_LIMIT_TF:-360} - 30 ))" ${BENCH_TF_ARGS:-} > "$OUT/transformers.log" 2>&1
   echo "transformers rc=$? after $(( $(date +%s) - T0 ))s"
   grep "^RESULT" "$OUT/transformers.log" | cut -c1-260
+  ;; esac
+
+# model.quantization: fp8, transformers backend: bf16 and fp8 packed paths in one process, a
+# profile of both, embed-job run with the fp8 job, and fp8 quality on all-MiniLM-L6-v2 where it
+# travelled (carry .bench-data/minilm-demo.tar.xz, bench/minilm_trim.py; pydantic in .whl)
+case " $what " in *" tf-fp8 "*)
+  run_group "${BENCH_LIMIT_TF_FP8:-300}" python3 bench/gpu_fp8.py --out "$OUT" \
+    --deadline "$(( ${BENCH_LIMIT_TF_FP8:-300} - 30 ))" ${BENCH_TF_FP8_ARGS:-} > "$OUT/tf-fp8.log" 2>&1
+  echo "tf-fp8 rc=$? after $(( $(date +%s) - T0 ))s"
+  grep "^RESULT" "$OUT/tf-fp8.log" | cut -c1-300
   ;; esac
 
 case " $what " in *" rss "*)

@@ -45,6 +45,50 @@ def fmt(x: Any, spec: str = ",.0f", suffix: str = "") -> str:
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
 
+FP8_ROWS = [
+    ("tf_bf16:stream", "transformers backend, packed + compile, bf16"),
+    ("tf_fp8:stream", "**transformers backend, packed + compile, `model.quantization: fp8`**"),
+    ("tf_fp8_exact_accum:stream", "same, FP8 without fast accumulation"),
+    ("tf_bf16:stream_2", "transformers bf16, again"),
+    ("tf_fp8:stream_2", "transformers fp8, again"),
+    ("tf_fp8:pipeline", "**embed-job run**, transformers fp8, end to end (vs the fp8 stream)"),
+    ("fp8:raw_engine", "SGLang raw engine, fp8 (online, from bf16)"),
+]
+
+
+def fp8_section(rows: dict[str, dict[str, Any]]) -> None:
+    """bench/gpu_fp8.py's rows: FP8 beside bf16 and SGLang FP8, the profile, the quality."""
+    bf16 = (rows.get("tf_bf16:stream") or {}).get("tokens_per_s")
+    sgl = (rows.get("fp8:raw_engine") or {}).get("tokens_per_s")
+    own = (rows.get("tf_fp8:stream") or {}).get("tokens_per_s")
+    measured = [(k, label) for k, label in FP8_ROWS if k in rows]
+    if any(k in rows for k, _ in FP8_ROWS[:3]):
+        print("| what | tokens/s | vs transformers bf16 | vs SGLang fp8 raw | vs 110K goal |")
+        print("|---|---|---|---|---|")
+        for key, label in measured:
+            r = rows[key]
+            if "error" in r or "skipped" in r:
+                print(f"| {label} | {r.get('error') or r.get('skipped')} | | | |")
+                continue
+            tps = r.get("tokens_per_s")
+            base = own if key == "tf_fp8:pipeline" else bf16  # e2e: against its own embedder
+            print(f"| {label} | {fmt(tps)} | {fmt(tps / base if tps and base else None, '.3f')} | "
+                  f"{fmt(tps / sgl if tps and sgl else None, '.3f')} | "
+                  f"{fmt(tps / 110_000 if tps else None, '.3f')} |")
+    print()
+    if "tf_fp8:profile" in rows:
+        from gpu_fp8 import print_profile
+
+        print_profile({k: v for k, v in rows["tf_fp8:profile"].items() if isinstance(v, dict)})
+        print()
+    quality = rows.get("quality_minilm", {})
+    if any(isinstance(v, dict) and "chunks" in v for v in quality.values()):
+        from fp8_quality import print_table
+
+        print_table(quality)
+        print()
+
+
 def main() -> int:
     rows = load(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/out/results.jsonl"))
     naive = (rows.get("naive_unsorted_b8") or {}).get("tokens_per_s")
@@ -77,6 +121,7 @@ def main() -> int:
               f"{fmt(tps / naive if naive and tps else None, '.2f', 'x')} | "
               f"{fmt(vs_raw * 100 if vs_raw else None, '.1f', '%')} |")
     print()
+    fp8_section(rows)
     for key in ("naive_unsorted_b32_longest_batch", "golden_bf16", "attention_check",
                 "packed_compile_startup", "long_32k_packed", "long_32k_hf_sdpa_padded_path",
                 "bf16:engine_start", "fp8:engine_start", "awq:engine_start", "bf16:long_32k",

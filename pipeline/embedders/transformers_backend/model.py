@@ -7,6 +7,7 @@ Two paths compute the same vectors (cosine >= 0.999 in bfloat16, 1e-5 in float32
   rows pooled, the layer compiled with ``torch.compile``; token ids travel through pinned host
   memory with non-blocking copies, and ``embed_stream`` keeps the next batch queued on the GPU
   while the previous result is copied back. See ``pipeline.embedders.transformers_backend.packed``.
+  With ``quantization="fp8"`` its matrix products run in FP8 (``fp8.py``); only this path does.
 - **padded** (every model; the reference, and the CPU path): sequences padded to a common
   length, the model's own attention with a mask. A batch is first cut into length-homogeneous
   groups, so little is computed on padding even when a batch mixes lengths.
@@ -87,7 +88,7 @@ class TransformersEmbedder(Embedder):
 
     def __init__(self, info: ModelInfo, pad_id: int, pooling: Pooling, dtype: DType = "auto",
                  device: str = "auto", packing: Switch = "auto", compile: Switch = "auto",
-                 packed_tokens: int = 32768) -> None:
+                 packed_tokens: int = 32768, quantization: str | None = None) -> None:
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
@@ -97,6 +98,13 @@ class TransformersEmbedder(Embedder):
         self.pooling = pooling
         self.pad_id = pad_id
         self.packed_tokens = packed_tokens
+        self.quantization = quantization
+        if quantization is not None:
+            from pipeline.embedders.transformers_backend import fp8_device_problem
+
+            problem = fp8_device_problem(str(self.device))
+            if problem:
+                raise ConfigError(problem)
         self._left_pad = self.pooling == "last"
         self._min_group = MIN_GROUP_TOKENS.get(self.device.type, MIN_GROUP_TOKENS["cuda"])
         # transformers draws a "Loading weights" bar on stderr; a batch job has its own progress
@@ -118,6 +126,9 @@ class TransformersEmbedder(Embedder):
         from pipeline.embedders.transformers_backend.packed import PackedDecoder, UnsupportedModel
 
         if packing == "off" or (packing == "auto" and self.device.type != "cuda"):
+            if self.quantization:
+                raise ConfigError("model.quantization: fp8 runs in the packed path only, and "
+                                  "model.packing is off")
             if compile == "on":
                 raise ConfigError("model.compile: on needs model.packing (the compiled code is "
                                   "the packed decoder layer)")
@@ -125,13 +136,24 @@ class TransformersEmbedder(Embedder):
         use_compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
         try:
             assert self._model is not None
-            self._packed = PackedDecoder(self._model, self.pooling, compile=use_compile)
+            self._packed = PackedDecoder(self._model, self.pooling, compile=use_compile,
+                                         quantization=self.quantization)
         except UnsupportedModel as e:
+            if self.quantization:
+                raise ConfigError(f"model.quantization: fp8 runs in the packed path only, and "
+                                  f"the model {info.path.name!r} cannot be packed: {e}") from None
             if packing == "on":
                 raise ConfigError(f"model.packing: {info.path.name}: {e}") from None
             return  # auto: this model keeps the padded path
-        if use_compile:
-            self._warm_up()
+        if use_compile or self.quantization:
+            try:
+                self._warm_up()
+            except RuntimeError as e:
+                if not self.quantization or "scaled_mm" not in str(e):
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"model.quantization: fp8 does not run on this GPU: "
+                                  f"{first}") from None
 
     def _warm_up(self) -> None:
         """Compile now (start-up time, reported with the model load), not in the first batch:

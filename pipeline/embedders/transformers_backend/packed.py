@@ -13,6 +13,10 @@ not doubled and the HF model still runs (the padded reference path uses it). One
 is one function of tensors, so ``torch.compile`` builds it once, with dynamic shapes, and
 every layer reuses that code: compilation takes seconds, not minutes.
 
+With ``quantization="fp8"`` the same layer functions take FP8 weights and their scales, and
+every matrix product becomes ``fp8.fp8_linear`` (activations quantized per token inside the
+compiled graph); see ``pipeline.embedders.transformers_backend.fp8``.
+
 On CUDA the attention is ``aten._flash_attention_forward`` with ``cu_seqlens`` (what
 ``torch.nn.attention.varlen.varlen_attn`` calls, with a stable signature across torch 2.5 -
 2.13); elsewhere (CPU tests) each sequence runs through ``scaled_dot_product_attention``
@@ -29,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.embedders.transformers_backend.fp8 import fits, fp8_linear, quantize_weight
 
 # Decoder families whose layer is: RMSNorm -> (q, k, v)[+ per-head q/k RMSNorm] -> RoPE ->
 # causal attention -> o_proj -> residual -> RMSNorm -> down(silu(gate) * up) -> residual.
@@ -133,15 +139,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+            w_scale: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, or its FP8 form when the weight comes with its scales."""
+    return F.linear(x, w, b) if w_scale is None else fp8_linear(x, w, w_scale, b)
+
+
 def attention_in(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_norm: torch.Tensor,
                  qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, q_norm: torch.Tensor | None,
-                 k_norm: torch.Tensor | None, n_q: int, n_kv: int, head_dim: int, eps: float
+                 k_norm: torch.Tensor | None, n_q: int, n_kv: int, head_dim: int, eps: float,
+                 qkv_s: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First half of a pre-norm decoder layer: RMSNorm, fused Q/K/V, per-head Q/K RMSNorm
-    (Qwen3), RoPE. ``h`` (T, hidden), cos/sin (T, head_dim) -> q (T, n_q, D), k/v (T, n_kv, D)."""
+    (Qwen3), RoPE. ``h`` (T, hidden), cos/sin (T, head_dim) -> q (T, n_q, D), k/v (T, n_kv, D).
+    ``qkv_s``: the per-row scales of an FP8 ``qkv_w``."""
     T = h.shape[0]
     x = _rms_norm(h, in_norm, eps)
-    qkv = F.linear(x, qkv_w, qkv_b)
+    qkv = _linear(x, qkv_w, qkv_b, qkv_s)
     q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(T, n_q, head_dim)
     k = k.reshape(T, n_kv, head_dim)
@@ -158,12 +172,15 @@ def attention_in(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_norm:
 
 def attention_out_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor,
                       o_b: torch.Tensor | None, post_norm: torch.Tensor, gate_up_w: torch.Tensor,
-                      down_w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Second half: o_proj + residual, RMSNorm, fused gate/up, SiLU, down + residual."""
-    h = h + F.linear(attn.reshape(h.shape[0], -1), o_w, o_b)
+                      down_w: torch.Tensor, eps: float, o_s: torch.Tensor | None = None,
+                      gate_up_s: torch.Tensor | None = None, down_s: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Second half: o_proj + residual, RMSNorm, fused gate/up, SiLU, down + residual (the
+    ``*_s`` scales: FP8 weights)."""
+    h = h + _linear(attn.reshape(h.shape[0], -1), o_w, o_b, o_s)
     x = _rms_norm(h, post_norm, eps)
-    gate, up = F.linear(x, gate_up_w).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, down_w)
+    gate, up = _linear(x, gate_up_w, None, gate_up_s).chunk(2, dim=-1)
+    return h + _linear(F.silu(gate) * up, down_w, None, down_s)
 
 
 _COMPILED: dict[str, Any] = {}
@@ -192,6 +209,11 @@ class _Layer:
     post_norm: torch.Tensor
     gate_up_w: torch.Tensor
     down_w: torch.Tensor
+    # FP8: the four weights above are e4m3 and these their per-row scales (None: bf16)
+    qkv_s: torch.Tensor | None = None
+    o_s: torch.Tensor | None = None
+    gate_up_s: torch.Tensor | None = None
+    down_s: torch.Tensor | None = None
 
 
 def _fuse(linears: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
@@ -218,7 +240,8 @@ class PackedDecoder:
     """Runs a Hugging Face decoder model (``AutoModel``: embed_tokens, layers, norm,
     rotary_emb) over packed sequences and pools one vector per sequence."""
 
-    def __init__(self, model: torch.nn.Module, pooling: str, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, pooling: str, compile: bool = False,
+                 quantization: str | None = None) -> None:
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -233,6 +256,8 @@ class PackedDecoder:
                 raise UnsupportedModel(f"the model has no {name!r} (load it with AutoModel)")
         if pooling not in ("last", "mean", "cls"):
             raise UnsupportedModel(f"unknown pooling {pooling!r}")
+        if quantization not in (None, "fp8"):
+            raise UnsupportedModel(f"unknown quantization {quantization!r}")
         self.model = model
         self.pooling = pooling
         first = model.layers[0].self_attn
@@ -241,7 +266,10 @@ class PackedDecoder:
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_q)
         self.eps = float(config.rms_norm_eps)
         self.scale = float(getattr(first, "scaling", self.head_dim ** -0.5))
+        self.quantization = quantization
         self.layers = [self._prepare(layer) for layer in model.layers]
+        if quantization == "fp8":
+            self.layers = [self._fp8(layer, w) for layer, w in zip(model.layers, self.layers)]
         self.compiled = compile
         self._eager = (attention_in, attention_out_mlp)
         self._fns = compiled_halves() if compile else self._eager
@@ -270,6 +298,25 @@ class PackedDecoder:
             post_norm=layer.post_attention_layernorm.weight,
             gate_up_w=gate_up_w, down_w=mlp.down_proj.weight)
 
+    @staticmethod
+    def _fp8(layer: torch.nn.Module, w: _Layer) -> _Layer:
+        """The layer's four matrices in FP8 with per-row scales, quantized once from the bf16
+        weights (cached on the layer, like the fusion; the bf16 weights stay, for the model)."""
+        cached = getattr(layer, "_embed_job_fp8", None)
+        if cached is None:
+            mats = (w.qkv_w, w.o_w, w.gate_up_w, w.down_w)
+            bad = [tuple(m.shape) for m in mats if not fits(m)]
+            if bad:
+                raise UnsupportedModel(f"fp8 needs weight dimensions that are multiples of 16, "
+                                       f"not {bad[0]}")
+            with torch.no_grad():
+                cached = tuple(quantize_weight(m) for m in mats)
+            layer._embed_job_fp8 = cached
+        (qkv, qkv_s), (o, o_s), (gu, gu_s), (down, down_s) = cached
+        return _Layer(in_norm=w.in_norm, qkv_w=qkv, qkv_b=w.qkv_b, q_norm=w.q_norm,
+                      k_norm=w.k_norm, o_w=o, o_b=w.o_b, post_norm=w.post_norm, gate_up_w=gu,
+                      down_w=down, qkv_s=qkv_s, o_s=o_s, gate_up_s=gu_s, down_s=down_s)
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
         """Packed ids/positions (T,) and cu_seqlens (n+1,) int32, all on the model's device ->
@@ -288,12 +335,13 @@ class PackedDecoder:
                 for t in (h, cos, sin):
                     mark(t, 0)
             q, k, v = fn_in(h, cos, sin, w.in_norm, w.qkv_w, w.qkv_b, w.q_norm, w.k_norm,
-                            self.n_q, self.n_kv, self.head_dim, self.eps)
+                            self.n_q, self.n_kv, self.head_dim, self.eps, w.qkv_s)
             attn = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, True)
             if dynamic:
                 mark(h, 0)
                 mark(attn, 0)
-            h = fn_out(h, attn, w.o_w, w.o_b, w.post_norm, w.gate_up_w, w.down_w, self.eps)
+            h = fn_out(h, attn, w.o_w, w.o_b, w.post_norm, w.gate_up_w, w.down_w, self.eps,
+                       w.o_s, w.gate_up_s, w.down_s)
         cu = cu_seqlens.to(torch.long)
         if self.pooling == "last":
             return model.norm(h.index_select(0, cu[1:] - 1)).to(torch.float32)
