@@ -337,7 +337,8 @@ def test_parquet_reads_only_needed_columns_in_batches(tmp_path: Path, monkeypatc
     docs = read_documents(SourceConfig(path="big.parquet", metadata_fields=["lang"]),
                           _resolver(tmp_path), print)
     assert next(docs).doc_id == "0"
-    assert calls == [{"batch_size": calls[0]["batch_size"], "columns": ["id", "text", "lang"]}]
+    assert calls == [{"batch_size": calls[0]["batch_size"], "columns": ["id", "text", "lang"],
+                      "row_groups": None}]  # every row group: the whole file
     assert len(batches) == 1 and batches[0] < n
     assert sum(1 for _ in docs) == n - 1
 
