@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.cli import invoke, run
 from helpers.jobs import REPO, small_job
-from helpers.rows import published_version
+from helpers.planted import copied_job, published_files, with_value
 
 from pipeline.errors import EXIT_AUDIT_MISMATCH
 from pipeline.job.load import load_job
@@ -36,15 +36,8 @@ def _audit(job: Path, expect: int) -> dict:
     return json.loads(done.stdout)
 
 
-def _copy(built: Path, tmp_path: Path) -> Path:
-    shutil.copytree(built.parent, tmp_path / "job")
-    return tmp_path / "job" / built.name
 
 
-def _files(job: Path) -> list[Path]:
-    version = published_version(job.parent / "vectors")
-    assert version is not None
-    return sorted(version.glob("*.parquet"))
 
 
 def _rewrite(path: Path, change: Callable[[pa.Table], pa.Table]) -> None:
@@ -52,11 +45,6 @@ def _rewrite(path: Path, change: Callable[[pa.Table], pa.Table]) -> None:
     pq.write_table(change(table), path)
 
 
-def _with_column(table: pa.Table, name: str, row: int, value: object) -> pa.Table:
-    values = table.column(name).to_pylist()
-    values[row] = value
-    i = table.schema.get_field_index(name)
-    return table.set_column(i, table.schema.field(name), pa.array(values, table.schema.field(name).type))
 
 
 def test_a_built_index_matches_its_source(built):
@@ -71,10 +59,10 @@ def _doc_of(table: pa.Table, row: int) -> str:
 
 
 def test_a_deleted_document_is_missing(built, tmp_path):
-    job = _copy(built, tmp_path)
-    first = pq.read_table(_files(job)[0])
+    job = copied_job(built, tmp_path)
+    first = pq.read_table(published_files(job)[0])
     gone = _doc_of(first, 0)
-    for path in _files(job):
+    for path in published_files(job):
         _rewrite(path, lambda t: t.filter(pc.not_equal(t.column("doc_id"), gone)))
     f = _audit(job, EXIT_AUDIT_MISMATCH)["findings"]
     assert f["missing_documents"] == {"count": 1, "first": [gone]}
@@ -82,14 +70,14 @@ def test_a_deleted_document_is_missing(built, tmp_path):
 
 
 def test_a_deleted_chunk_an_orphan_a_stale_hash_a_duplicate_and_a_bad_vector(built, tmp_path):
-    job = _copy(built, tmp_path)
-    files = _files(job)
+    job = copied_job(built, tmp_path)
+    files = published_files(job)
     table = pq.read_table(files[0])
     lost = f"{_doc_of(table, 1)}#{table.column('chunk_index')[1].as_py()}"
     # a chunk deleted (row 1), a stale hash (row 2), a vector not of unit length (row 3)
     vectors = np.asarray(table.column("vector").to_pylist(), np.float32)
     vectors[3] *= 2
-    changed = _with_column(table, "doc_hash", 2, "0" * 16)
+    changed = with_value(table, "doc_hash", 2, "0" * 16)
     changed = changed.set_column(changed.schema.get_field_index("vector"), "vector",
                                  pa.FixedSizeListArray.from_arrays(
                                      pa.array(vectors.reshape(-1)), vectors.shape[1]))
@@ -97,7 +85,7 @@ def test_a_deleted_chunk_an_orphan_a_stale_hash_a_duplicate_and_a_bad_vector(bui
     bad = f"{_doc_of(table, 3)}#{table.column('chunk_index')[3].as_py()}"
     pq.write_table(changed.take([i for i in range(table.num_rows) if i != 1]), files[0])
     # an orphan: a row of a document the source does not have, in a file of its own
-    ghost = _with_column(_with_column(table.slice(0, 1), "doc_id", 0, "ghost"), "pk", 0, "ghost-pk")
+    ghost = with_value(with_value(table.slice(0, 1), "doc_id", 0, "ghost"), "pk", 0, "ghost-pk")
     pq.write_table(ghost, files[0].with_name("zz-ghost.parquet"))
     # a duplicate: a file copied under another name
     shutil.copy(files[-1], files[-1].with_name("zz-copy.parquet"))
@@ -113,8 +101,8 @@ def test_a_deleted_chunk_an_orphan_a_stale_hash_a_duplicate_and_a_bad_vector(bui
 
 
 def test_chunks_in_the_dead_letter_file_are_expected_absent(built, tmp_path):
-    job = _copy(built, tmp_path)
-    path = _files(job)[0]
+    job = copied_job(built, tmp_path)
+    path = published_files(job)[0]
     table = pq.read_table(path)
     doc, index = _doc_of(table, 0), table.column("chunk_index")[0].as_py()
     pq.write_table(table.slice(1), path)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.cli import invoke, run
 from helpers.jobs import REPO, SMALL_DOCS, small_job, write_jsonl
+from helpers.planted import copied_job, published_files, with_value
 from helpers.rows import milvus_state_in_subprocess, parquet_rows, published_version
 
 from pipeline.errors import EXIT_AUDIT_MISMATCH
@@ -30,22 +31,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return job
 
 
-def _copy(built: Path, tmp_path: Path) -> Path:
-    shutil.copytree(built.parent, tmp_path / "job")
-    return tmp_path / "job" / built.name
 
 
-def _version_files(job: Path) -> list[Path]:
-    version = published_version(job.parent / "vectors")
-    assert version is not None
-    return sorted(version.glob("*.parquet"))
 
 
-def _with(table: pa.Table, name: str, row: int, value: object) -> pa.Table:
-    values = table.column(name).to_pylist()
-    values[row] = value
-    field = table.schema.field(name)
-    return table.set_column(table.schema.get_field_index(name), field, pa.array(values, field.type))
 
 
 # each fault planted in the published version's files (behind the product's back); returns
@@ -57,14 +46,14 @@ def _deleted_row(files: list[Path]) -> tuple[set[str], bool]:
 
 
 def _orphan_row(files: list[Path]) -> tuple[set[str], bool]:
-    ghost = _with(_with(pq.read_table(files[0]).slice(0, 1), "doc_id", 0, "ghost"), "pk", 0, "ghost-pk")
+    ghost = with_value(with_value(pq.read_table(files[0]).slice(0, 1), "doc_id", 0, "ghost"), "pk", 0, "ghost-pk")
     pq.write_table(ghost, files[0].with_name("zz-ghost.parquet"))
     return {"ghost"}, False
 
 
 def _stale_hash(files: list[Path]) -> tuple[set[str], bool]:
     table = pq.read_table(files[1])
-    pq.write_table(_with(table, "doc_hash", 2, "0" * 16), files[1])
+    pq.write_table(with_value(table, "doc_hash", 2, "0" * 16), files[1])
     return {table.column("doc_id")[2].as_py()}, True
 
 
@@ -75,7 +64,7 @@ def _duplicate(files: list[Path]) -> tuple[set[str], bool]:
 
 def _duplicate_chunk(files: list[Path]) -> tuple[set[str], bool]:
     row = pq.read_table(files[1]).slice(0, 1)  # a chunk again, under a key the job never makes
-    pq.write_table(_with(row, "pk", 0, "planted-pk"), files[1].with_name("zz-dup.parquet"))
+    pq.write_table(with_value(row, "pk", 0, "planted-pk"), files[1].with_name("zz-dup.parquet"))
     return {row.column("doc_id")[0].as_py()}, True
 
 
@@ -104,9 +93,9 @@ def _repair(job: Path, expect: int = 0, process: bool = False) -> dict:
                                    _duplicate_chunk, _bad_vector])
 def test_parquet_each_fault_is_repaired_and_only_its_documents_are_touched(
         built: Path, tmp_path: Path, plant: Callable[[list[Path]], tuple[set[str], bool]]):
-    job = _copy(built, tmp_path)
+    job = copied_job(built, tmp_path)
     clean = parquet_rows(job.parent / "vectors")
-    docs, in_source = plant(_version_files(job))
+    docs, in_source = plant(published_files(job))
     live = published_version(job.parent / "vectors")
     assert live is not None
     planted = _digests(live)
@@ -135,7 +124,7 @@ def test_parquet_each_fault_is_repaired_and_only_its_documents_are_touched(
 
 
 def test_a_document_gone_from_the_source_is_kept_without_delete_missing(built, tmp_path):
-    job = _copy(built, tmp_path)
+    job = copied_job(built, tmp_path)
     gone = SMALL_DOCS[3]["id"]
     write_jsonl(job.parent / "corpus.jsonl", [d for d in SMALL_DOCS if d["id"] != gone])
     done = invoke("audit", str(job), "--repair")
@@ -145,7 +134,7 @@ def test_a_document_gone_from_the_source_is_kept_without_delete_missing(built, t
 
 
 def test_nothing_to_repair_exits_0_and_writes_nothing(built, tmp_path):
-    job = _copy(built, tmp_path)
+    job = copied_job(built, tmp_path)
     live = published_version(job.parent / "vectors")
     result = _repair(job)
     assert result["ok"] and result["repair"] is None
@@ -153,8 +142,8 @@ def test_nothing_to_repair_exits_0_and_writes_nothing(built, tmp_path):
 
 
 def test_refusals_are_one_line_and_change_nothing(built, tmp_path):
-    job = _copy(built, tmp_path)
-    _deleted_row(_version_files(job))
+    job = copied_job(built, tmp_path)
+    _deleted_row(published_files(job))
     live = published_version(job.parent / "vectors")
     digests = _digests(live)
     text = job.read_text()
