@@ -84,8 +84,8 @@ def ray_cluster(config: RayConfig, address: str | None = None) -> Iterator[Clust
 
 
 def _init(ray: Any, where: str, tries: int = 1, **kwargs: Any) -> None:
-    """``ray.init``; a local node that did not come up in Ray's fixed 30 s (a loaded host)
-    is started again, up to ``tries`` times; what still fails is one line."""
+    """``ray.init``; a local node that did not come up within Ray's fixed deadlines (a loaded
+    host) is started again, up to ``tries`` times; what still fails is one line."""
     for attempt in range(1, tries + 1):
         try:
             ray.init(**kwargs)
@@ -93,7 +93,8 @@ def _init(ray: Any, where: str, tries: int = 1, **kwargs: Any) -> None:
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a slow start
             if ray.is_initialized():
                 ray.shutdown()
-            slow = "timed out during startup" in str(e)
+            # Ray's fixed start-up deadlines: the node's 30 s, the GCS's port file
+            slow = "timed out" in str(e).lower()
             if not (slow or isinstance(e, (ConnectionError, RuntimeError, ValueError))):
                 raise
             if slow and attempt < tries:
