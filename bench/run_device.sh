@@ -63,21 +63,25 @@ run_group() {
   return $rc
 }
 
+# bench_script WORD SCRIPT LIMIT ARGS: one bench process, time-boxed, its RESULT lines shown
+bench_script() {
+  local word=$1 script=$2 limit=$3
+  # shellcheck disable=SC2086  # ARGS is a list of options
+  run_group "$limit" python3 "$script" --out "$OUT" --deadline "$(( limit - 30 ))" $4 \
+    > "$OUT/$word.log" 2>&1
+  echo "$word rc=$? after $(( $(date +%s) - T0 ))s"
+  grep "^RESULT" "$OUT/$word.log" | cut -c1-300
+}
+
 case " $what " in *" transformers "*)
-  run_group "${BENCH_LIMIT_TF:-360}" python3 bench/gpu_transformers.py --out "$OUT" \
-    --deadline "$(( ${BENCH_LIMIT_TF:-360} - 30 ))" ${BENCH_TF_ARGS:-} > "$OUT/transformers.log" 2>&1
-  echo "transformers rc=$? after $(( $(date +%s) - T0 ))s"
-  grep "^RESULT" "$OUT/transformers.log" | cut -c1-260
+  bench_script transformers bench/gpu_transformers.py "${BENCH_LIMIT_TF:-360}" "${BENCH_TF_ARGS:-}"
   ;; esac
 
 # model.quantization: fp8, transformers backend: bf16 and fp8 packed paths in one process, a
 # profile of both, embed-job run with the fp8 job, and fp8 quality on all-MiniLM-L6-v2 where it
 # travelled (carry .bench-data/minilm-demo.tar.xz, bench/minilm_trim.py; pydantic in .whl)
 case " $what " in *" tf-fp8 "*)
-  run_group "${BENCH_LIMIT_TF_FP8:-300}" python3 bench/gpu_fp8.py --out "$OUT" \
-    --deadline "$(( ${BENCH_LIMIT_TF_FP8:-300} - 30 ))" ${BENCH_TF_FP8_ARGS:-} > "$OUT/tf-fp8.log" 2>&1
-  echo "tf-fp8 rc=$? after $(( $(date +%s) - T0 ))s"
-  grep "^RESULT" "$OUT/tf-fp8.log" | cut -c1-300
+  bench_script tf-fp8 bench/gpu_fp8.py "${BENCH_LIMIT_TF_FP8:-300}" "${BENCH_TF_FP8_ARGS:-}"
   ;; esac
 
 case " $what " in *" rss "*)
