@@ -54,6 +54,7 @@ class EmbedActor:
         self.engine.on_unfit = lambda b, row, err: self.unfit.setdefault(b.batch_id, []).append(
             (row, one_line(err)))
         self.lock = threading.Lock()
+        self.failed: BaseException | None = None  # the engine's error: every later call's too
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -74,9 +75,8 @@ class EmbedActor:
                                          float, int]:
         done: Future[np.ndarray] = Future()
         with self.lock:
-            failed = getattr(self, "failed", None)
-            if failed is not None:
-                raise failed
+            if self.failed is not None:
+                raise self.failed
             self.waiting[work.batch_id] = done
         self.inbox.put(work)
         try:
