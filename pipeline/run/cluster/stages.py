@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 class OnCluster:
+    """The cluster a ``runner: ray`` run joins, and its stages sized to what it found."""
+
     def __init__(self, job: Job, address: str | None) -> None:
         self.job, self.address = job, address
         self.cluster: Cluster | None = None
