@@ -7,7 +7,8 @@ the product's own sink (built from its settings, as ``embed-job run`` builds it)
 text of one bench chunk) in batches of ``--batch`` rows, exactly as the writer calls it
 (``on_write_start``, ``write`` per batch, ``on_write_complete``); then ``count`` must equal
 the rows written. One JSON line per sink and dimension: rows/s (first write to the last
-acknowledgement), MB/s of vectors, the tokens/s that rate carries at ``--tokens-per-chunk``
+acknowledgement), the share of that time the bench process itself was on a CPU (the
+client's packing; the rest is the destination's), MB/s of vectors, the tokens/s that rate carries at ``--tokens-per-chunk``
 (551: the bench corpus's mean chunk), and that over the demand of eight H200s at SGLang FP8
 (8 x 92K tokens/s), so ``headroom_8xH200`` below 1 names the sink as the limit.
 
@@ -80,10 +81,10 @@ def measure(kind: str, dim: int, args: argparse.Namespace, uri: str | None = Non
     try:
         t0 = time.perf_counter()
         sink.on_write_start(dim)
-        opened = time.perf_counter()
+        opened, cpu = time.perf_counter(), time.process_time()
         acked = [bid for b in todo for bid in sink.write(b)]
         acked += sink.on_write_complete()
-        wall = time.perf_counter() - opened
+        wall, cpu = time.perf_counter() - opened, time.process_time() - cpu
         count = sink.count()
     finally:
         sink.close()
@@ -93,7 +94,8 @@ def measure(kind: str, dim: int, args: argparse.Namespace, uri: str | None = Non
     tokens_s = rows_s * args.tokens_per_chunk
     return {"sink": kind, "dim": dim, "rows": args.rows, "batch": args.batch,
             "text_bytes": args.text_bytes, "open_s": round(opened - t0, 2),
-            "write_s": round(wall, 2), "rows_per_s": round(rows_s),
+            "write_s": round(wall, 2), "client_cpu_share": round(cpu / wall, 2),
+            "rows_per_s": round(rows_s),
             "vector_mb_per_s": round(rows_s * dim * 4 / 1e6, 1),
             "tokens_per_s_carried": round(tokens_s),
             "headroom_8xH200": round(tokens_s / (8 * H200_FP8_TOKENS_PER_S), 2)}
