@@ -120,9 +120,11 @@ def main() -> int:
         saved_random_weights(model_dir, "cpu" if args.tiny else "cuda")
         log(f"random weights saved in {time.monotonic() - t:.0f} s")
         extra = {"device": "cpu"} if args.tiny else {
-            "dtype": "bfloat16", "packing": "on", "compile": "on"}
+            "dtype": "bfloat16", "packing": "on", "compile": "on",
+            "quantization": "fp8" if args.mode == "fp8" else None}
         budget = 32768
-    tag = f"{args.backend}-{args.mode}" if args.backend == "sglang" else "transformers"
+    tag = f"{args.backend}-{args.mode}" if args.backend == "sglang" or args.mode == "fp8" \
+        else "transformers"
     first: dict[str, Any] | None = None
     one_gpu: float | None = None
     for variant in args.variants.split(","):

@@ -84,10 +84,12 @@ def kernel_kind(event: dict[str, Any]) -> str:
         return "memcpy/memset"
     if "flash" in name or "fmha" in name or "attention" in name:
         return "attention"
+    if name.startswith("triton_tem"):  # an Inductor GEMM template (max-autotune)
+        return "matmul"
+    if name.startswith("triton"):  # named after the aten ops it fuses, `_scaled_mm` included
+        return "quantize (fused)" if "amax" in name else "other fused"
     if any(s in name for s in GEMM_NAMES):
         return "matmul"
-    if name.startswith("triton"):
-        return "quantize (fused)" if "amax" in name else "other fused"
     return "other kernels"
 
 
@@ -348,7 +350,7 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
             torch.cuda.empty_cache()
         big = write_corpus(work / "corpus-e2e.parquet", docs, copies=args.pipeline_copies)
         job = job_dict("e2e_tf_fp8", big, model_dir, "transformers", work / "e2e-fp8",
-                       dimension=min(1024, int(cfg["hidden_size"])), model_extra={"dtype": "bfloat16", "device": str(device), "packing": "on",
+                       sort_window=None, dimension=min(1024, int(cfg["hidden_size"])), model_extra={"dtype": "bfloat16", "device": str(device), "packing": "on",
                                     "compile": "on", "quantization": "fp8"})
         r = run_pipeline(job, work / "e2e-fp8")  # the run makes its embedder from the job
         ref = rates.get("tf_fp8")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, as run on the device machine (H100), from the repository root:
 #
-#   bash bench/run_device.sh [transformers] [rss] [workers] [ray] [plan] [tf-fp8] [fp8-all]
+#   bash bench/run_device.sh [transformers] [rss] [workers] [ray] [cli] [plan] [tf-fp8] [fp8-all]
 #                            [sglang | bf16 fp8 awq]
 #
 # fp8 is SGLang's online FP8; tf-fp8 the transformers backend's model.quantization: fp8 beside
@@ -107,6 +107,7 @@ cli_variants() {
   local word=$1 variants=$2 limit=$3 b
   for b in $4; do
     run_group "$limit" python3 bench/cli_workers.py --backend "$b" --variants "$variants" \
+      --mode "${BENCH_CLI_MODE:-bf16}" \
       --copies "${BENCH_COPIES:-2}" --out "$OUT" --deadline "$(( limit - 20 ))" \
       > "$OUT/$word-$b.log" 2>&1
     echo "$word $b rc=$? after $(( $(date +%s) - T0 ))s"
@@ -127,6 +128,12 @@ case " $what " in *" workers "*)
 # command (carry .ray, and .whl with jsonschema, referencing, jsonschema-specifications, rpds-py)
 case " $what " in *" ray "*)
   cli_variants ray "plain,runner=ray" "${BENCH_LIMIT_RAY:-300}" "${BENCH_RAY_BACKENDS:-sglang}"
+  ;; esac
+
+# the command alone, one variant a backend (BENCH_CLI_MODE=fp8: SGLang's online FP8, or the
+# transformers backend's model.quantization: fp8)
+case " $what " in *" cli "*)
+  cli_variants cli "${BENCH_VARIANTS:-plain}" "${BENCH_LIMIT_CLI:-300}" "${BENCH_CLI_BACKENDS:-transformers}"
   ;; esac
 
 modes=""
