@@ -352,6 +352,8 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
         job = job_dict("e2e_tf_fp8", big, model_dir, "transformers", work / "e2e-fp8",
                        sort_window=None, dimension=min(1024, int(cfg["hidden_size"])), model_extra={"dtype": "bfloat16", "device": str(device), "packing": "on",
                                     "compile": "on", "quantization": "fp8"})
+        if os.environ.get("BENCH_PLANNER_PROCESSES"):  # batching.planner_processes of the run
+            job["batching"]["planner_processes"] = int(os.environ["BENCH_PLANNER_PROCESSES"])
         r = run_pipeline(job, work / "e2e-fp8")  # the run makes its embedder from the job
         ref = rates.get("tf_fp8")
         ratio = r["tokens_per_s"] / ref if ref else None
