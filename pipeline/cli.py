@@ -30,6 +30,7 @@ from pipeline.errors import (
 )
 from pipeline.job.config import Job
 from pipeline.job.load import load_job
+from pipeline.run.devices import NO_MULTICAST
 from pipeline.secrets import MASK, quiet_client_logs, redact, redacted_logging
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
 
 # gRPC's C core logs a failed TLS handshake at INFO on stderr, beside our one-line error.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# NVLink multicast off here as in every worker: an engine this process starts (an SGLang
+# engine given tp_size > 1 in model.sglang.extra) inherits it.
+os.environ.update(NO_MULTICAST)
 
 
 def _fail(error: JobError, secrets: Sequence[str] = ()) -> None:

@@ -4,7 +4,10 @@ dies, and a one-line error for GPUs that are not there."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from helpers.cli import dead_letters, ledger, run, start, wait_for_first_ack
@@ -139,3 +142,13 @@ def test_a_worker_env_keeps_multicast_off_and_names_its_gpu(monkeypatch):
     assert env["CUDA_VISIBLE_DEVICES"] == "6"  # the parent's second visible GPU
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["NVSHMEM_DISABLE_NVLS"] == "1"
     assert Slot(0, None, 2).env(threads=1)["OMP_NUM_THREADS"] == "1"
+
+
+def test_the_runs_own_process_keeps_multicast_off_for_an_engine_it_starts():
+    """An engine started in the run's process (SGLang with tp_size > 1) inherits its
+    environment: the command turns NVLink multicast off there too, whatever was set."""
+    code = ("import os, pipeline.cli; print(os.environ['NCCL_NVLS_ENABLE'], "
+            "os.environ['TORCH_SYMM_MEM_DISABLE_MULTICAST'], os.environ['NVSHMEM_DISABLE_NVLS'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NCCL_NVLS_ENABLE": "1"}).stdout.split()
+    assert out == ["0", "1", "1"]
