@@ -18,6 +18,7 @@ import math
 import os
 import resource
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,48 @@ class Results:
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Stages:
+    """The stages a bench process runs: those chosen (None: all), each only if it fits before
+    the deadline, each failure recorded as a row and survived, so one call measures the rest."""
+
+    def __init__(self, res: Results, chosen: set[str] | None, deadline: float, start: float,
+                 prefix: str = "", after_error: Any = None) -> None:
+        """``deadline``: seconds after ``start`` (``time.monotonic()`` at the process's
+        start) by which every stage must be done."""
+        self.res, self.chosen, self.deadline, self.t0 = res, chosen, deadline, start
+        self.prefix, self.after_error = prefix, after_error
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return self.deadline - self.elapsed()
+
+    def want(self, name: str, need_s: float) -> bool:
+        """Is stage ``name`` (``stage`` or ``stage:part``) chosen, with ``need_s`` left?"""
+        if self.chosen is not None and name.split(":")[0] not in self.chosen:
+            return False
+        if self.elapsed() + need_s > self.deadline:
+            log(f"skip {name}: {self.elapsed():.0f}s used, needs ~{need_s:.0f}s of "
+                f"{self.deadline:.0f}")
+            self.res.add(stage=name, skipped=f"deadline ({self.elapsed():.0f}s used)")
+            return False
+        return True
+
+    def guarded(self, name: str, fn: Any) -> Any:
+        """``fn()``, or None after recording its error."""
+        t = time.monotonic()
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - record and go on
+            traceback.print_exc()
+            self.res.add(stage=f"{self.prefix}{name}", error=f"{type(e).__name__}: {str(e)[:400]}",
+                         seconds=round(time.monotonic() - t, 1))
+            if self.after_error is not None:
+                self.after_error()
+            return None
 
 
 def import_datasets_or_stub() -> None:

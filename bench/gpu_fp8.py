@@ -36,7 +36,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from common import (  # noqa: E402
     EOS,
     QWEN3_EMBEDDING_4B,
     Results,
+    Stages,
     import_datasets_or_stub,
     log,
     make_docs,
@@ -66,10 +66,6 @@ KINDS = ("attention", "matmul", "quantize (fused)", "other fused", "other kernel
          "memcpy/memset")
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm89_", "sm100_", "f8f8", "scaled_mm",
               "cublas", "wgmma")
-
-
-def elapsed() -> float:
-    return time.monotonic() - T0
 
 
 def kernel_kind(event: dict[str, Any]) -> str:
@@ -185,26 +181,9 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001
         log(f"inductor config: {e!r}")
 
-    def want(name: str, need_s: float) -> bool:
-        if name.split(":")[0] not in stages:
-            return False
-        if elapsed() + need_s > args.deadline:
-            log(f"skip {name}: {elapsed():.0f}s used, needs ~{need_s:.0f}s of {args.deadline:.0f}")
-            res.add(stage=name, skipped=f"deadline ({elapsed():.0f}s used)")
-            return False
-        return True
-
-    def guarded(name: str, fn: Any) -> Any:
-        t = time.monotonic()
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - record and go on
-            traceback.print_exc()
-            res.add(stage=name, error=f"{type(e).__name__}: {str(e)[:400]}",
-                    seconds=round(time.monotonic() - t, 1))
-            if cuda:
-                torch.cuda.empty_cache()
-            return None
+    run = Stages(res, stages, args.deadline, T0,
+                 after_error=torch.cuda.empty_cache if cuda else None)
+    want, guarded = run.want, run.guarded
 
     def sync() -> None:
         if cuda:
@@ -231,7 +210,7 @@ def main() -> int:
         from fp8_quality import ARCHIVE, measure
 
         guarded("quality_minilm", lambda: measure(res, str(device), args.minilm_archive or ARCHIVE))
-    res.add(stage="fp8_done", seconds=round(elapsed(), 1), rss_peak_mib=round(rss_peak_mib(), 1))
+    res.add(stage="fp8_done", seconds=round(run.elapsed(), 1), rss_peak_mib=round(rss_peak_mib(), 1))
     return 0
 
 

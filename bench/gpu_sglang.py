@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (  # noqa: E402
     EOS,
     Results,
+    Stages,
     import_datasets_or_stub,
     make_docs,
     rss_peak_mib,
@@ -104,15 +104,7 @@ def main() -> int:
     def left() -> float:
         return args.deadline - (time.monotonic() - T0)
 
-    def guarded(name: str, fn: Any) -> Any:
-        t = time.monotonic()
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            res.add(stage=f"{args.mode}:{name}", error=f"{type(e).__name__}: {str(e)[:400]}",
-                    seconds=round(time.monotonic() - t, 1))
-            return None
+    guarded = Stages(res, None, args.deadline, T0, prefix=f"{args.mode}:").guarded
 
     docs = make_docs(args.docs)
     n_tokens = sum(map(len, docs))

@@ -22,7 +22,6 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from common import (  # noqa: E402
     EOS,
     QWEN3_EMBEDDING_4B,
     Results,
+    Stages,
     import_datasets_or_stub,
     log,
     make_docs,
@@ -45,10 +45,6 @@ from common import (  # noqa: E402
 )
 
 T0 = time.monotonic()
-
-
-def elapsed() -> float:
-    return time.monotonic() - T0
 
 
 def main() -> int:
@@ -74,28 +70,10 @@ def main() -> int:
     res = Results(out / "results.jsonl")
     stages = set(args.stages.split(",")) if args.stages != "all" else None
 
-    def want(name: str, need_s: float) -> bool:
-        if stages is not None and name not in stages:
-            return False
-        if elapsed() + need_s > args.deadline:
-            log(f"skip {name}: {elapsed():.0f}s used, needs ~{need_s:.0f}s of {args.deadline:.0f}")
-            res.add(stage=name, skipped=f"deadline ({elapsed():.0f}s used)")
-            return False
-        return True
-
-    def guarded(name: str, fn: Any) -> Any:
-        t = time.monotonic()
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - record and go on
-            traceback.print_exc()
-            res.add(stage=name, error=f"{type(e).__name__}: {str(e)[:400]}",
-                    seconds=round(time.monotonic() - t, 1))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            return None
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = Stages(res, stages, args.deadline, T0,
+                 after_error=torch.cuda.empty_cache if device.type == "cuda" else None)
+    want, guarded = run.want, run.guarded
     env = {"torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
     try:
@@ -395,7 +373,7 @@ def main() -> int:
         if emb is not None and want("pipeline_transformers", 40):
             guarded(name, lambda: pipeline_run(window, name))
 
-    res.add(stage="done", seconds=round(elapsed(), 1), rss_peak_mib=round(rss_peak_mib(), 1))
+    res.add(stage="done", seconds=round(run.elapsed(), 1), rss_peak_mib=round(rss_peak_mib(), 1))
     return 0
 
 
