@@ -329,7 +329,8 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
             torch.cuda.empty_cache()
         big = write_corpus(work / "corpus-e2e.parquet", docs, copies=args.pipeline_copies)
         job = job_dict("e2e_tf_fp8", big, model_dir, "transformers", work / "e2e-fp8",
-                       sort_window=None, dimension=min(1024, int(cfg["hidden_size"])), model_extra={"dtype": "bfloat16", "device": str(device), "packing": "on",
+                       sort_window=None, dimension=min(1024, int(cfg["hidden_size"])),
+                       model_extra={"dtype": "bfloat16", "device": str(device), "packing": "on",
                                     "compile": "on", "quantization": "fp8"})
         if os.environ.get("BENCH_PLANNER_PROCESSES"):  # batching.planner_processes of the run
             job["batching"]["planner_processes"] = int(os.environ["BENCH_PLANNER_PROCESSES"])

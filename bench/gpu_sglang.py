@@ -101,10 +101,8 @@ def main() -> int:
     res = Results(out / "results.jsonl")
     import_datasets_or_stub()
 
-    def left() -> float:
-        return args.deadline - (time.monotonic() - T0)
-
-    guarded = Stages(res, None, args.deadline, T0, prefix=f"{args.mode}:").guarded
+    run = Stages(res, None, args.deadline, T0, prefix=f"{args.mode}:")
+    guarded, left = run.guarded, run.left
 
     docs = make_docs(args.docs)
     n_tokens = sum(map(len, docs))

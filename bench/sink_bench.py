@@ -69,7 +69,6 @@ def measure(kind: str, dim: int, args: argparse.Namespace, uri: str | None = Non
     from pipeline.job.plugins import sink_kinds
     from pipeline.sinks.base import GenerationMark
 
-    work = Path(tempfile.mkdtemp(prefix=f"sink-{kind}-"))
     raw = dict(SETTINGS[kind])
     if uri:
         raw["uri"] = uri
@@ -77,17 +76,18 @@ def measure(kind: str, dim: int, args: argparse.Namespace, uri: str | None = Non
     target = f"bench_d{dim}_{int(time.time())}"
     mark = GenerationMark(job="sink-bench", state_id="bench", fingerprint="f", generation=1)
     todo = batches(args.rows, args.batch, dim, args.text_bytes)
-    sink = settings.make(lambda p: work / p, "bench", target, mark=mark)
-    try:
-        t0 = time.perf_counter()
-        sink.on_write_start(dim)
-        opened, cpu = time.perf_counter(), time.process_time()
-        acked = [bid for b in todo for bid in sink.write(b)]
-        acked += sink.on_write_complete()
-        wall, cpu = time.perf_counter() - opened, time.process_time() - cpu
-        count = sink.count()
-    finally:
-        sink.close()
+    with tempfile.TemporaryDirectory(prefix=f"sink-{kind}-") as tmp:
+        sink = settings.make(lambda p: Path(tmp) / p, "bench", target, mark=mark)
+        try:
+            t0 = time.perf_counter()
+            sink.on_write_start(dim)
+            opened, cpu = time.perf_counter(), time.process_time()
+            acked = [bid for b in todo for bid in sink.write(b)]
+            acked += sink.on_write_complete()
+            wall, cpu = time.perf_counter() - opened, time.process_time() - cpu
+            count = sink.count()
+        finally:
+            sink.close()
     assert count == args.rows, f"{kind}: {count} rows stored, {args.rows} written"
     assert sorted(acked) == sorted(b.batch_id for b in todo), f"{kind}: acks {len(acked)}"
     rows_s = args.rows / wall
@@ -127,11 +127,8 @@ def main() -> int:
         return run_server(args)
     for kind in args.sinks.split(","):
         if kind == "milvus-server":
-            argv = ["--dims", ",".join(map(str, args.dims)), "--rows", str(args.rows),
-                    "--batch", str(args.batch), "--text-bytes", str(args.text_bytes),
-                    "--tokens-per-chunk", str(args.tokens_per_chunk)]
-            rc = subprocess.run(["unshare", "-n", sys.executable, __file__, "--in-namespace",
-                                 *argv]).returncode
+            rc = subprocess.run(["unshare", "-n", sys.executable, __file__, *sys.argv[1:],
+                                 "--in-namespace"]).returncode
             if rc:
                 return rc
             continue

@@ -36,15 +36,9 @@ def _audit(job: Path, expect: int) -> dict:
     return json.loads(done.stdout)
 
 
-
-
-
-
 def _rewrite(path: Path, change: Callable[[pa.Table], pa.Table]) -> None:
     table = pq.read_table(path)
     pq.write_table(change(table), path)
-
-
 
 
 def test_a_built_index_matches_its_source(built):

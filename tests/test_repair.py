@@ -31,12 +31,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return job
 
 
-
-
-
-
-
-
 # each fault planted in the published version's files (behind the product's back); returns
 # the documents it concerns, and whether they are in the source (re-embedded) or not (deleted)
 def _deleted_row(files: list[Path]) -> tuple[set[str], bool]:
