@@ -4,16 +4,24 @@ Same model shape and corpus as ``gpu_transformers.py`` (the Qwen3-Embedding-4B s
 bf16 weights; the smoke corpus: 3000 documents, 1,654,541 tokens; sorted 32K-token plan,
 ``embed_stream``, the product's ``TransformersEmbedder`` with packing and ``torch.compile``):
 
+  kernels:*                         each one-pass Triton kernel that makes an FP8 activation
+                                    (``fp8_kernels``) beside Inductor's fusion of the torch
+                                    reference, at the model's widths and 16,384 tokens: error
+                                    against the float32 truth, time (do_bench), bytes/s
   tf_bf16:startup, tf_bf16:stream   the packed path in bf16 (the product's GPU default)
   tf_fp8:startup, tf_fp8:stream     the same embedder with ``quantization="fp8"``: its linear
                                     layers quantized at load from the same bf16 weights
+  tf_fp8_inductor:stream            fp8 with the activations made by Inductor's fusion of the
+                                    torch reference instead of the kernels (what ran before them)
   tf_fp8:profile                    torch.profiler over the same batches of both paths: GPU time
                                     by kind (attention, GEMMs, the fused kernels that quantize
                                     activations, other fused kernels, copies) and the GPU's idle
                                     time between kernels (launch gaps); a table
   tf_fp8:pipeline                   ``embed-job run`` end to end with the fp8 job (the run builds
                                     its own embedder, as the command does) on 2 copies of the
-                                    corpus (``--pipeline-copies``), vs the fp8 stream
+                                    corpus (``--pipeline-copies``), vs the fp8 stream; once per
+                                    ``batching.planner_processes`` in $BENCH_PLANNER_PROCESSES
+                                    (comma-separated; default: the product's)
   quality_minilm                    fp8 / bf16 / float32 on all-MiniLM-L6-v2 over the demo corpus
                                     (``fp8_quality.py``), where the model is here
   tf_fp8_exact_accum:stream         fp8 with ``use_fast_accum=False``
@@ -60,8 +68,8 @@ from common import (  # noqa: E402
 
 T0 = time.monotonic()
 GOAL = 110_000  # tokens/s on one H200 (the issue's)
-STAGES = ("tf_bf16", "tf_fp8", "profile", "pipeline", "quality", "exact_accum", "repeat",
-          "golden")
+STAGES = ("kernels", "tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "quality",
+          "exact_accum", "repeat", "golden")
 KINDS = ("attention", "matmul", "quantize (fused)", "other fused", "other kernels",
          "memcpy/memset")
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm89_", "sm100_", "f8f8", "scaled_mm",
@@ -73,7 +81,7 @@ def kernel_kind(event: dict[str, Any]) -> str:
 
     Inductor names its kernels after the aten ops they fuse (``triton_per_fused_..._amax_...``):
     a kernel with ``amax`` computes a per-token FP8 scale (fused with the RMSNorm, SiLU·up or
-    layout copy that produces the activation); the GEMMs are cuBLASLt's (``nvjet``/``sm90_xmma``
+    layout copy that produces the activation), as do ``fp8_kernels``' (``*quantize*``); the GEMMs are cuBLASLt's (``nvjet``/``sm90_xmma``
     names) or CUTLASS's."""
     name = str(event.get("name", "")).lower()
     if event.get("cat") in ("gpu_memcpy", "gpu_memset"):
@@ -82,6 +90,8 @@ def kernel_kind(event: dict[str, Any]) -> str:
         return "attention"
     if name.startswith("triton_tem"):  # an Inductor GEMM template (max-autotune)
         return "matmul"
+    if "quantize" in name:  # fp8_kernels' one-pass kernels (_silu_mul_quantize_kernel, ...)
+        return "quantize (fused)"
     if name.startswith("triton"):  # named after the aten ops it fuses, `_scaled_mm` included
         return "quantize (fused)" if "amax" in name else "other fused"
     if any(s in name for s in GEMM_NAMES):
@@ -201,8 +211,10 @@ def main() -> int:
         env["transformers"] = repr(e)
     res.add(stage="fp8_env", **env)
 
-    throughput = stages & {"tf_bf16", "tf_fp8", "profile", "pipeline", "exact_accum", "repeat",
-                           "golden"}
+    if cuda and want("kernels", 30):
+        guarded("kernels", lambda: kernel_stages(res))
+    throughput = stages & {"tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "exact_accum",
+                           "repeat", "golden"}
     if throughput:
         guarded("fp8_throughput", lambda: throughput_stages(args, res, device, want, guarded,
                                                             sync, work, out))
@@ -212,6 +224,69 @@ def main() -> int:
         guarded("quality_minilm", lambda: measure(res, str(device), args.minilm_archive or ARCHIVE))
     res.add(stage="fp8_done", seconds=round(run.elapsed(), 1), rss_peak_mib=round(rss_peak_mib(), 1))
     return 0
+
+
+def kernel_stages(res: Results, tokens: int = 16384) -> None:
+    """fp8_kernels' one-pass kernels beside Inductor's fusion of the torch reference (compiled
+    with dynamic shapes, as in the layer), at Qwen3-Embedding-4B's widths."""
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from pipeline.embedders.transformers_backend.fp8 import row_kernels_available
+    from pipeline.embedders.transformers_backend.packed import (
+        _quantized,
+        _quantized_norm,
+        _quantized_silu_mul,
+    )
+
+    if not row_kernels_available():  # imports them: their torch.ops.embed_job operators
+        raise RuntimeError("the FP8 activation kernels need Triton and a CUDA GPU")
+    cfg, eps, dev = QWEN3_EMBEDDING_4B, 1e-6, "cuda"
+    hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    attn_width = int(cfg["num_attention_heads"]) * int(cfg["head_dim"])
+    torch.manual_seed(0)
+    x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
+    d = torch.randn_like(x)
+    w = (torch.rand(hidden, device=dev) + 0.5).to(torch.bfloat16)
+    gu = (torch.randn(tokens, 2 * inter, device=dev) * 3).to(torch.bfloat16)
+    a = torch.randn(tokens, attn_width, device=dev, dtype=torch.bfloat16)
+
+    def norm(h: torch.Tensor) -> torch.Tensor:
+        f = h.float()
+        return f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+
+    g, u = gu.float().chunk(2, dim=-1)
+    # name: (the activation maker given kernels=True/False, float32 truth, bytes moved once)
+    cases: dict[str, tuple[Any, Any, int]] = {
+        "rms_norm_quantize": (lambda k: _quantized_norm(x, None, w, eps, k)[1:],
+                              lambda: norm(x), tokens * hidden * 3),
+        "add_rms_norm_quantize": (lambda k: _quantized_norm(x, d, w, eps, k),
+                                  lambda: norm(x + d), tokens * hidden * 7),
+        "silu_mul_quantize": (lambda k: _quantized_silu_mul(gu, k), lambda: F.silu(g) * u,
+                              tokens * inter * 5),
+        "quantize_rows": (lambda k: _quantized(a, k), lambda: a.float(), tokens * attn_width * 3),
+    }
+
+    def error(out: tuple[Any, ...], truth: Any) -> float:
+        q, s = out[-2:]
+        return float(((q.float() * s - truth).abs().amax(1) / truth.abs().amax(1)).max())
+
+    for name, (fn, truth_fn, nbytes) in cases.items():
+        inductor = torch.compile(functools.partial(fn, False), dynamic=True)
+        kernel = functools.partial(fn, True)
+        truth = truth_fn()
+        err_k, err_i = error(kernel(), truth), error(inductor(), truth)
+        ms_k, ms_i = do_bench(kernel), do_bench(inductor)
+        res.add(stage=f"kernels:{name}", tokens=tokens, kernel_ms=round(ms_k, 4),
+                inductor_ms=round(ms_i, 4), speedup=round(ms_i / ms_k, 2),
+                kernel_gb_per_s=round(nbytes / ms_k / 1e6, 1),
+                kernel_error=round(err_k, 5), inductor_error=round(err_i, 5),
+                agrees=err_k <= max(1.05 * err_i, 1 / 16),
+                note="error: largest |dequantized - float32 truth| / the row's largest value; "
+                     "bytes: the kernel's reads and writes once")
 
 
 def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: Any, sync: Any,
@@ -288,6 +363,17 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
     if f8 is not None and want("tf_fp8", 35):
         guarded("tf_fp8:stream", lambda: stream("tf_fp8", f8))
 
+    def inductor() -> None:  # the same weights, activations from Inductor's fusion (recompiles)
+        assert f8 is not None
+        f8._packed.row_kernels = False
+        try:
+            stream("tf_fp8_inductor", f8)
+        finally:
+            f8._packed.row_kernels = True
+
+    if f8 is not None and f8._packed.row_kernels and want("inductor", 50):
+        guarded("tf_fp8_inductor:stream", inductor)
+
     def profile() -> None:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -322,7 +408,7 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
     if f8 is not None and want("profile", 25):
         guarded("tf_fp8:profile", profile)
 
-    def pipeline() -> None:
+    def pipeline(processes: str | None) -> None:
         from pipeline_run import job_dict, run_pipeline
 
         if cuda:
@@ -332,19 +418,21 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
                        sort_window=None, dimension=min(1024, int(cfg["hidden_size"])),
                        model_extra={"dtype": "bfloat16", "device": str(device), "packing": "on",
                                     "compile": "on", "quantization": "fp8"})
-        if os.environ.get("BENCH_PLANNER_PROCESSES"):  # batching.planner_processes of the run
-            job["batching"]["planner_processes"] = int(os.environ["BENCH_PLANNER_PROCESSES"])
+        if processes:  # batching.planner_processes of the run
+            job["batching"]["planner_processes"] = processes if processes == "auto" else int(processes)
         r = run_pipeline(job, work / "e2e-fp8")  # the run makes its embedder from the job
         ref = rates.get("tf_fp8")
         ratio = r["tokens_per_s"] / ref if ref else None
-        res.add(stage="tf_fp8:pipeline", padding_waste=0.0,
-                ratio_to_embedder=round(ratio, 3) if ratio else None,
+        res.add(stage="tf_fp8:pipeline", planner_processes=processes or "default",
+                padding_waste=0.0, ratio_to_embedder=round(ratio, 3) if ratio else None,
                 within_5pct_of_embedder=bool(ratio and ratio >= 0.95),
                 runner_ratio_to_embedder=round(r["runner_tokens_per_s"] / ref, 3) if ref else None,
                 **r)
 
-    if f8 is not None and want("pipeline", 25 + 20 * args.pipeline_copies):
-        guarded("tf_fp8:pipeline", pipeline)
+    for processes in (os.environ.get("BENCH_PLANNER_PROCESSES") or "").split(",") or [""]:
+        if f8 is not None and want("pipeline", 25 + 20 * args.pipeline_copies):
+            guarded(f"tf_fp8:pipeline[{processes or 'default'}]",
+                    lambda p=processes: pipeline(p or None))
 
     def exact_accum() -> None:
         assert f8 is not None

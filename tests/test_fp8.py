@@ -3,7 +3,10 @@ decoder in FP8 on a tiny Qwen3, and the job lines that refuse it where it cannot
 
 The GPU runs ``torch._scaled_mm`` on FP8 tensor cores; on this CPU the same operator runs too
 (torch 2.13: it dequantizes and multiplies in float32), so the kernel is tested here as well
-as an emulation of the quantize/dequantize math that does not depend on it. Speed, and the
+as an emulation of the quantize/dequantize math that does not depend on it. The one-pass
+Triton kernels that make the activations on CUDA (``fp8_kernels``) are checked against the torch
+reference by the ``gpu`` tests at the end, where a CUDA GPU with FP8 is (Triton's CPU
+interpreter rounds casts differently from the hardware, so it cannot stand in). Speed, and the
 quality on real weights, are measured on the GPU by ``bench/gpu_fp8.py``.
 """
 
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.cli import invoke, run
 from helpers.jobs import demo_docs, make_job
 from transformers import AutoModel
@@ -28,11 +32,15 @@ from pipeline.embedders.transformers_backend.fp8 import (
     quantize_linears,
     quantize_rows,
     quantize_weight,
+    row_kernels_available,
 )
 from pipeline.embedders.transformers_backend.model import TransformersEmbedder
 from pipeline.embedders.transformers_backend.packed import (
     PackedDecoder,
     UnsupportedModel,
+    _quantized,
+    _quantized_norm,
+    _quantized_silu_mul,
     attention_out_mlp,
     pack,
 )
@@ -300,3 +308,84 @@ def test_the_embedder_refuses_fp8_where_the_packed_path_cannot_run(tiny_qwen3_di
         emb._setup_packing(read_model_info(minilm_dir), "auto", "auto")
     with pytest.raises(ConfigError, match="model.quantization: fp8 runs in the packed path only"):
         emb._setup_packing(read_model_info(minilm_dir), "off", "auto")
+
+
+# ------------------------------------------------- the one-pass kernels, where they run (CUDA)
+
+def _row_kernels_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if torch.cuda.get_device_capability(0) < (8, 9):
+        return "the GPU has no FP8 (compute capability below 8.9)"
+    if not row_kernels_available():
+        return "Triton is not installed"
+    return None
+
+
+ROW_KERNELS_PROBLEM = _row_kernels_problem()
+needs_row_kernels = pytest.mark.skipif(
+    ROW_KERNELS_PROBLEM is not None,
+    reason=f"the FP8 activation kernels run on a CUDA GPU with FP8 ({ROW_KERNELS_PROBLEM}); "
+           f"the CPU tests above check the torch reference they replace")
+
+
+def _error(q_s: tuple[torch.Tensor, ...], truth: torch.Tensor) -> float:
+    """The largest error of the dequantized rows, relative to each row's largest value."""
+    q, s = q_s[-2:]
+    return float(((q.float() * s - truth).abs().amax(1) / truth.abs().amax(1)).max())
+
+
+@pytest.mark.gpu
+@needs_row_kernels
+@pytest.mark.parametrize("width", [80, 2560, 4096, 9728])
+def test_row_kernels_against_the_reference(width: int) -> None:
+    """Each kernel's FP8 rows against the float32 truth, no worse than the torch reference's
+    (half an e4m3 step of the row's largest value: 1/16 at most), scales within bf16 rounding,
+    and the residual sum exactly the bf16 sum."""
+    torch.manual_seed(width)
+    dev, bf16, eps = "cuda", torch.bfloat16, 1e-6
+    x = (torch.randn(257, width, device=dev) * torch.logspace(-2, 1, 257, device=dev)[:, None]
+         ).to(bf16)
+    d = torch.randn_like(x)
+    w = (torch.rand(width, device=dev) + 0.5).to(bf16)
+    gu = (torch.randn(257, 2 * width, device=dev) * 3).to(bf16)
+
+    def norm(h: torch.Tensor) -> torch.Tensor:
+        f = h.float()
+        return f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+
+    g, u = gu.float().chunk(2, dim=-1)
+    cases = {
+        "quantize_rows": (lambda k: _quantized(x, k), x.float()),
+        "rms_norm_quantize": (lambda k: _quantized_norm(x, None, w, eps, k), norm(x)),
+        "add_rms_norm_quantize": (lambda k: _quantized_norm(x, d, w, eps, k), norm(x + d)),
+        "silu_mul_quantize": (lambda k: _quantized_silu_mul(gu, k), F.silu(g) * u),
+    }
+    for name, (fn, truth) in cases.items():
+        kernel, reference = fn(True), fn(False)
+        assert kernel[-2].dtype == FP8 and kernel[-1].shape == (257, 1), name
+        assert _error(kernel, truth) <= max(_error(reference, truth) * 1.05, 1 / 16), name
+        torch.testing.assert_close(kernel[-1], reference[-1], rtol=2 ** -7, atol=0)
+    h = _quantized_norm(x, d, w, eps, True)[0]
+    assert torch.equal(h, x + d)
+
+
+@pytest.mark.gpu
+@needs_row_kernels
+def test_fp8_decoder_uses_the_kernels_on_cuda(tiny_qwen3_dir: Path) -> None:
+    """On CUDA the packed FP8 decoder makes its activations with the kernels, compiled too,
+    and its vectors agree with the torch reference's."""
+    model = AutoModel.from_pretrained(tiny_qwen3_dir, dtype=torch.bfloat16).cuda().eval()
+    rng = np.random.default_rng(1)
+    p = pack([rng.integers(1, 500, size=n).tolist() for n in (5, 40, 130, 17, 300, 2)])
+    args = [torch.from_numpy(a).cuda() for a in (p.ids, p.positions, p.cu_seqlens)]
+    out = {}
+    for compiled in (False, True):
+        decoder = PackedDecoder(model, "last", compile=compiled, quantization="fp8")
+        assert decoder.row_kernels
+        with torch.inference_mode():
+            out[compiled] = decoder.forward(*args, p.max_seqlen).cpu().numpy()
+            decoder.row_kernels = False
+            reference = decoder.forward(*args, p.max_seqlen).cpu().numpy()
+        assert cosine(out[compiled], reference).min() >= 0.999
+    assert cosine(out[True], out[False]).min() >= 0.999

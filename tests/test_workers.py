@@ -15,7 +15,7 @@ from helpers.jobs import SMALL, small_job
 from helpers.rows import assert_same_store, stored_rows
 
 from pipeline.errors import ConfigError
-from pipeline.run.devices import Slot, parse_gpus, worker_slots
+from pipeline.run.devices import Slot, parse_gpus, planner_processes, worker_slots
 
 
 def _counters_add_up(report: dict) -> None:
@@ -134,6 +134,21 @@ def test_worker_slots():
         worker_slots(2, 1, "cuda:1", h200)
     with pytest.raises(ConfigError, match="expected 'all'"):
         parse_gpus("two")
+
+
+def test_planner_processes_auto(monkeypatch):
+    """Two tokenizing processes per GPU, the run's own included (its planning then leaves the
+    launching thread's interpreter lock alone); one, in the process, for the CPU."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    here = [Slot(0, None, 1)]
+    assert planner_processes("auto", here, "cpu", found=1) == 1
+    assert planner_processes("auto", here, "auto", found=0) == 1
+    assert planner_processes("auto", here, "auto", found=1) == 2
+    assert planner_processes("auto", here, "cuda:0", found=1) == 2
+    eight = worker_slots("all", 1, "auto", (8, "NVIDIA H200"))
+    assert planner_processes("auto", eight, "auto", found=8) == 14  # the cores, less two
+    assert planner_processes("auto", [Slot(0, None, 2), Slot(1, None, 2)], "cpu", found=0) == 1
+    assert planner_processes(3, here, "cpu", found=0) == 3
 
 
 def test_a_worker_env_keeps_multicast_off_and_names_its_gpu(monkeypatch):

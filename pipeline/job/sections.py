@@ -98,7 +98,8 @@ class BatchingConfig(Strict):
         "first batch while the rest of the corpus is still being planned")
     planner_processes: int | Literal["auto"] = Field(
         "auto", description="processes that tokenize and chunk (the plan is the same for any "
-        "number); auto: 1 in the run's process, 2 per GPU worker with --gpus")
+        "number); auto: 2 per GPU (the run's own, or each worker's with --gpus), 1 in the "
+        "run's process on the CPU")
 
 
 class RayConfig(Strict):

@@ -105,14 +105,22 @@ def worker_slots(gpus: GpuSpec | None, workers: int, device: str,
     return [Slot(i, g, workers) for i, g in enumerate(g for g in chosen for _ in range(workers))]
 
 
-def planner_processes(setting: int | Literal["auto"], slots: list[Slot]) -> int:
-    """Tokenizing processes: the job's number, or for ``auto`` two per GPU worker (one process
-    plans ~380K tokens/s with the Qwen3 vocabulary, one H200 embeds up to ~92K) within the
-    cores, leaving two for the run's own threads; CPU workers need the cores themselves."""
+def planner_processes(setting: int | Literal["auto"], slots: list[Slot], device: str,
+                      found: int | None = None) -> int:
+    """Tokenizing processes: the job's number, or for ``auto`` two per GPU (one process plans
+    ~380K tokens/s with the Qwen3 vocabulary, one H200 embeds up to ~100K) within the cores,
+    leaving two for the run's own threads. A run embedding on a GPU in its own process
+    (``device`` not cpu, a GPU present) counts as one GPU: its planning must not share the
+    process's interpreter lock with the thread that launches the GPU's work (measured in
+    docs/benchmarks.md). CPU workers need the cores themselves: one, in the run's process.
+    ``found``: the GPU count, read from torch when not given."""
     if setting != "auto":
         return max(1, setting)
-    gpu_workers = sum(1 for s in slots if s.gpu is not None)
-    return max(1, min(2 * gpu_workers, (os.cpu_count() or 1) - 2))
+    gpus = sum(1 for s in slots if s.gpu is not None)
+    if in_process(slots) and device != "cpu" and (found if found is not None
+                                                   else gpu_count()[0]) > 0:
+        gpus = 1
+    return max(1, min(2 * gpus, (os.cpu_count() or 1) - 2))
 
 
 def in_process(slots: list[Slot]) -> bool:

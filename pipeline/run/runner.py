@@ -241,7 +241,8 @@ def _run_phases(ctx: JobContext, parts: _Parts, options: RunOptions, checkpoint:
                         [os.path.relpath(f, job.base_dir) for f in files])
             planner = Planner(ctx, docs, rejected, dead, options.limit,
                               sync.unchanged if plan.skip_unchanged else None,
-                              planner_processes(job.batching.planner_processes, parts.slots),
+                              planner_processes(job.batching.planner_processes, parts.slots,
+                                                job.model.device),
                               parts.chunk_pool()).start()
         stop.check()
         t_model = time.monotonic()

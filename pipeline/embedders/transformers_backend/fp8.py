@@ -8,13 +8,15 @@ What is quantized, and how:
   (per channel): ``scale[n] = max|W[n, :]| / 448``. A row's largest weight maps to e4m3's
   largest value, so no row is clipped and a row of small weights keeps its precision.
 - **Activations**, on the fly, one float32 scale per token (row-wise): ``max|x[t, :]| / 448``.
-  In the compiled layer (``torch.compile`` of the two layer halves, ``packed.py``) this
-  reduction and the cast are plain tensor code in the same graph, so Inductor fuses them into
-  the kernel that produces the activation (the RMSNorms before Q/K/V and gate/up, SiLU·up before
-  down) instead of launching kernels of their own. The attention output is produced outside
-  the graph (flash attention runs eagerly between the halves), so its quantization before
-  o_proj is a kernel of its own; and the residual add after down_proj, which the bf16 GEMM
-  absorbs (``addmm``), is a small elementwise kernel here: two launches per layer more than bf16.
+  On CUDA each FP8 activation comes from one Triton kernel that reads the row once
+  (``fp8_kernels``: the RMSNorm before Q/K/V; the residual add, RMSNorm and quantization
+  before gate/up; SiLU·up before down; the attention output before o_proj). Written as plain
+  torch (``quantize_rows``, the reference, and what runs elsewhere), the reduction and the
+  cast are fused by Inductor into the kernel producing the activation, but for rows wider than
+  1,024 values it loops over each row twice (the maximum, then the scaling), recomputing
+  SiLU·up; the profile in ``bench/gpu_fp8.py`` measured that pass as FP8's main overhead. The
+  residual add after down_proj, which the bf16 GEMM absorbs (``addmm``), is a small
+  element-wise kernel here.
 - **The product**: ``torch._scaled_mm(x_fp8, W_fp8.t(), scale_a=(T, 1), scale_b=(1, N),
   out_dtype=bfloat16)``: FP8 tensor cores with both scales applied in the GEMM's epilogue.
   Its requirements (torch 2.11-2.13, CUDA): compute capability 8.9 or 9.x+, K and N multiples
@@ -37,7 +39,8 @@ torchao's ``Float8WeightOnly``/``Float8DynamicActivation`` configs would end in 
 ``_scaled_mm`` call with a tensor-subclass layer on top; a hand-written triton GEMM would have
 to beat cuBLAS at large M to be worth its upkeep. The cost of the choice: the activation
 quantization is a separate (fused) pass over the activation rather than inside the GEMM's
-prologue, which the profile in ``bench/gpu_fp8.py`` reports.
+prologue (the one-pass kernels keep that pass to one read of the row), which the profile in
+``bench/gpu_fp8.py`` reports.
 """
 
 from __future__ import annotations
@@ -69,17 +72,38 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (h / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def scaled_linear(q: torch.Tensor, scale: torch.Tensor, w_fp8: torch.Tensor,
+                  w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """The FP8 GEMM of already quantized (M, K) rows ``q`` (scales (M, 1)) with a weight given
+    as ``quantize_weight(W)``: (M, N) in ``out_dtype``."""
+    out = torch._scaled_mm(q, w_fp8.t(), scale_a=scale, scale_b=w_scale, out_dtype=out_dtype,
+                           use_fast_accum=FAST_ACCUM)
+    if bias is not None:
+        out = out + bias.to(out.dtype)  # outside the GEMM: fused with what follows it
+    return out
+
+
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W given as ``quantize_weight(W)``: x quantized per row,
     one scaled FP8 GEMM, the result in x's dtype. x is (..., K)."""
     lead = x.shape[:-1]
-    q, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-    out = torch._scaled_mm(q, w_fp8.t(), scale_a=scale, scale_b=w_scale, out_dtype=x.dtype,
-                           use_fast_accum=FAST_ACCUM)
-    if bias is not None:
-        out = out + bias.to(out.dtype)  # outside the GEMM: fused with what follows it
+    out = scaled_linear(*quantize_rows(x.reshape(-1, x.shape[-1])), w_fp8, w_scale, bias,
+                        x.dtype)
     return out.reshape(*lead, w_fp8.shape[0])
+
+
+def row_kernels_available() -> bool:
+    """Whether the one-pass Triton kernels (``fp8_kernels``) can run here: Triton imports and
+    a CUDA device is present. Importing them registers their ``torch.ops.embed_job`` operators."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from pipeline.embedders.transformers_backend import fp8_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def fits(weight: torch.Tensor) -> bool:

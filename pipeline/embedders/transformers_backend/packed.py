@@ -14,8 +14,9 @@ is one function of tensors, so ``torch.compile`` builds it once, with dynamic sh
 every layer reuses that code: compilation takes seconds, not minutes.
 
 With ``quantization="fp8"`` the same layer functions take FP8 weights and their scales, and
-every matrix product becomes ``fp8.fp8_linear`` (activations quantized per token inside the
-compiled graph); see ``pipeline.embedders.transformers_backend.fp8``.
+every matrix product becomes an FP8 GEMM (``fp8.scaled_linear``) of activations quantized
+per token, on CUDA by the one-pass Triton kernels of ``fp8_kernels`` (operators the compiled
+graph keeps); see ``pipeline.embedders.transformers_backend.fp8``.
 
 On CUDA the attention is ``aten._flash_attention_forward`` with ``cu_seqlens`` (what
 ``torch.nn.attention.varlen.varlen_attn`` calls, with a stable signature across torch 2.5 -
@@ -34,7 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.embedders.transformers_backend.fp8 import fits, fp8_linear, quantize_weight
+from pipeline.embedders.transformers_backend.fp8 import (
+    fits,
+    quantize_rows,
+    quantize_weight,
+    row_kernels_available,
+    scaled_linear,
+)
 
 # Decoder families whose layer is: RMSNorm -> (q, k, v)[+ per-head q/k RMSNorm] -> RoPE ->
 # causal attention -> o_proj -> residual -> RMSNorm -> down(silu(gate) * up) -> residual.
@@ -139,23 +146,47 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-            w_scale: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, or its FP8 form when the weight comes with its scales."""
-    return F.linear(x, w, b) if w_scale is None else fp8_linear(x, w, w_scale, b)
+def _quantized_norm(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                    kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h' = h (+ d, the residual add), and RMSNorm(h') * weight as FP8 rows with their scales:
+    one Triton kernel (``fp8_kernels``) or the torch reference."""
+    if kernels:
+        ops = torch.ops.embed_job
+        if d is None:
+            return (h, *ops.rms_norm_quantize(h, weight, eps))
+        return ops.add_rms_norm_quantize(h, d, weight, eps)
+    if d is not None:
+        h = h + d
+    return (h, *quantize_rows(_rms_norm(h, weight, eps)))
+
+
+def _quantized_silu_mul(gate_up: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(gate) * up of the fused gate/up output, as FP8 rows with their scales."""
+    if kernels:
+        return torch.ops.embed_job.silu_mul_quantize(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return quantize_rows(F.silu(gate) * up)
+
+
+def _quantized(x: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.embed_job.quantize_rows(x) if kernels else quantize_rows(x)
 
 
 def attention_in(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_norm: torch.Tensor,
                  qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, q_norm: torch.Tensor | None,
                  k_norm: torch.Tensor | None, n_q: int, n_kv: int, head_dim: int, eps: float,
-                 qkv_s: torch.Tensor | None = None
+                 qkv_s: torch.Tensor | None = None, kernels: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First half of a pre-norm decoder layer: RMSNorm, fused Q/K/V, per-head Q/K RMSNorm
     (Qwen3), RoPE. ``h`` (T, hidden), cos/sin (T, head_dim) -> q (T, n_q, D), k/v (T, n_kv, D).
-    ``qkv_s``: the per-row scales of an FP8 ``qkv_w``."""
+    ``qkv_s``: the per-row scales of an FP8 ``qkv_w``; ``kernels``: its activation made by the
+    one-pass Triton kernel."""
     T = h.shape[0]
-    x = _rms_norm(h, in_norm, eps)
-    qkv = _linear(x, qkv_w, qkv_b, qkv_s)
+    if qkv_s is None:
+        qkv = F.linear(_rms_norm(h, in_norm, eps), qkv_w, qkv_b)
+    else:
+        _, x, x_s = _quantized_norm(h, None, in_norm, eps, kernels)
+        qkv = scaled_linear(x, x_s, qkv_w, qkv_s, qkv_b, h.dtype)
     q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(T, n_q, head_dim)
     k = k.reshape(T, n_kv, head_dim)
@@ -173,14 +204,20 @@ def attention_in(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_norm:
 def attention_out_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor,
                       o_b: torch.Tensor | None, post_norm: torch.Tensor, gate_up_w: torch.Tensor,
                       down_w: torch.Tensor, eps: float, o_s: torch.Tensor | None = None,
-                      gate_up_s: torch.Tensor | None = None, down_s: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      gate_up_s: torch.Tensor | None = None, down_s: torch.Tensor | None = None,
+                      kernels: bool = False) -> torch.Tensor:
     """Second half: o_proj + residual, RMSNorm, fused gate/up, SiLU, down + residual (the
-    ``*_s`` scales: FP8 weights)."""
-    h = h + _linear(attn.reshape(h.shape[0], -1), o_w, o_b, o_s)
-    x = _rms_norm(h, post_norm, eps)
-    gate, up = _linear(x, gate_up_w, None, gate_up_s).chunk(2, dim=-1)
-    return h + _linear(F.silu(gate) * up, down_w, None, down_s)
+    ``*_s`` scales: FP8 weights; ``kernels``: their activations made by the Triton kernels)."""
+    a = attn.reshape(h.shape[0], -1)
+    if o_s is None or gate_up_s is None or down_s is None:
+        h = h + F.linear(a, o_w, o_b)  # bf16: cuBLAS adds the residual in the GEMM's epilogue
+        gate, up = F.linear(_rms_norm(h, post_norm, eps), gate_up_w).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, down_w)
+    o = scaled_linear(*_quantized(a, kernels), o_w, o_s, o_b, h.dtype)
+    h, x, x_s = _quantized_norm(h, o, post_norm, eps, kernels)
+    gate_up = scaled_linear(x, x_s, gate_up_w, gate_up_s, None, h.dtype)
+    return h + scaled_linear(*_quantized_silu_mul(gate_up, kernels), down_w, down_s, None,
+                             h.dtype)
 
 
 _COMPILED: dict[str, Any] = {}
@@ -270,6 +307,10 @@ class PackedDecoder:
         self.layers = [self._prepare(layer) for layer in model.layers]
         if quantization == "fp8":
             self.layers = [self._fp8(layer, w) for layer, w in zip(model.layers, self.layers)]
+        # FP8 activations from the one-pass Triton kernels where they run (CUDA); a switch so
+        # the bench can measure Inductor's own fusion beside them
+        self.row_kernels = (quantization == "fp8" and next(model.parameters()).is_cuda
+                            and row_kernels_available())
         self.compiled = compile
         self._eager = (attention_in, attention_out_mlp)
         self._fns = compiled_halves() if compile else self._eager
@@ -335,13 +376,14 @@ class PackedDecoder:
                 for t in (h, cos, sin):
                     mark(t, 0)
             q, k, v = fn_in(h, cos, sin, w.in_norm, w.qkv_w, w.qkv_b, w.q_norm, w.k_norm,
-                            self.n_q, self.n_kv, self.head_dim, self.eps, w.qkv_s)
+                            self.n_q, self.n_kv, self.head_dim, self.eps, w.qkv_s,
+                            self.row_kernels)
             attn = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, True)
             if dynamic:
                 mark(h, 0)
                 mark(attn, 0)
             h = fn_out(h, attn, w.o_w, w.o_b, w.post_norm, w.gate_up_w, w.down_w, self.eps,
-                       w.o_s, w.gate_up_s, w.down_s)
+                       w.o_s, w.gate_up_s, w.down_s, self.row_kernels)
         cu = cu_seqlens.to(torch.long)
         if self.pooling == "last":
             return model.norm(h.index_select(0, cu[1:] - 1)).to(torch.float32)

@@ -1,0 +1,152 @@
+"""One-pass Triton kernels that produce the FP8 activations of the packed path (CUDA only).
+
+Each kernel reads a token's row once, keeps it in registers, and writes the e4m3 row and its
+float32 scale (``max|y| / 448``, as ``fp8.quantize_rows``): the reduction and the scaling of
+the same values in one pass. Inductor does this itself for rows of up to 1,024 values (a
+"persistent" reduction); the packed path's rows are wider (2,560 hidden, 4,096 attention
+output, 9,728 SiLU·up at Qwen3-Embedding-4B), so there it loops over the row twice — once for
+the maximum, once to scale — and recomputes SiLU·up in each loop. The profile of that
+(``bench/gpu_fp8.py``, docs/benchmarks.md) is why these exist:
+
+- ``quantize_rows(x)``: the attention output before o_proj.
+- ``rms_norm_quantize(x, w, eps)``: the RMSNorm before Q/K/V, quantized.
+- ``add_rms_norm_quantize(x, d, w, eps)``: the residual add after o_proj, the RMSNorm before
+  gate/up and its quantization; also returns the sum (the next residual).
+- ``silu_mul_quantize(gate_up)``: SiLU(gate)·up before down_proj, quantized.
+
+They are ``torch.library.triton_op`` operators, so ``torch.compile`` keeps them in the layer's
+graph (no graph break) and Inductor fuses what surrounds them. Their math is the torch
+reference's (``packed.py``'s ``_rms_norm``, ``F.silu``, ``fp8.quantize_rows``) except that
+SiLU·up stays in float32 until it is scaled (the reference rounds it to bf16 first);
+``tests/test_fp8.py`` checks them against it where Triton runs (its CPU interpreter, with
+``TRITON_INTERPRET=1``). Importing this module needs Triton: ``fp8.row_kernels()`` imports it
+only where it can run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from pipeline.embedders.transformers_backend.fp8 import _MIN_AMAX, FP8, FP8_MAX
+
+
+def _launch(n: int) -> tuple[int, int]:
+    """The whole row in one block (a power of two) and the warps that hold it (~32 values a
+    thread)."""
+    block = triton.next_power_of_2(n)
+    return block, max(4, min(16, block // 1024))
+
+
+@triton.jit
+def _scale_store(y, q_row, s_ptr, row, cols, mask, MIN_AMAX: tl.constexpr, MAX: tl.constexpr):
+    """Write row ``y`` (float32, masked lanes 0) as e4m3 with its per-row scale."""
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0), MIN_AMAX) / MAX
+    q = tl.minimum(tl.maximum(y / scale, -MAX), MAX)
+    tl.store(q_row + cols, q.to(q_row.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n, stride_x, stride_q,
+                          BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr, MAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    y = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    _scale_store(y, q_ptr + row * stride_q, s_ptr, row, cols, mask, MIN_AMAX, MAX)
+
+
+@triton.jit
+def _rms_norm_quantize_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, n, stride_x, stride_d,
+                              stride_h, stride_q, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                              MIN_AMAX: tl.constexpr, MAX: tl.constexpr):
+    """RMSNorm as Hugging Face's (float32 statistics, the weight applied in x's dtype), of x
+    or, with ADD, of x + d (that sum written to h: the next residual)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(d_ptr + row * stride_d + cols, mask=mask,
+                                        other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + row * stride_h + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    h = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # x's dtype between the steps, as the reference rounds (arithmetic itself in float32)
+    y = (w * h.to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+    _scale_store(y, q_ptr + row * stride_q, s_ptr, row, cols, mask, MIN_AMAX, MAX)
+
+
+@triton.jit
+def _silu_mul_quantize_kernel(gu_ptr, q_ptr, s_ptr, n, stride_gu, stride_q,
+                              BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr, MAX: tl.constexpr):
+    """gate_up rows are [gate (n) | up (n)], as the fused gate/up matrix writes them."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    base = gu_ptr + row * stride_gu
+    g = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(base + n + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    _scale_store(y, q_ptr + row * stride_q, s_ptr, row, cols, mask, MIN_AMAX, MAX)
+
+
+def _outputs(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m = x.shape[0]
+    return (torch.empty((m, n), dtype=FP8, device=x.device),
+            torch.empty((m, 1), dtype=torch.float32, device=x.device))
+
+
+@triton_op("embed_job::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (M, K) e4m3 and (M, 1) float32 scales; one pass."""
+    n = x.shape[1]
+    q, s = _outputs(x, n)
+    block, warps = _launch(n)
+    wrap_triton(_quantize_rows_kernel)[(x.shape[0],)](
+        x, q, s, n, x.stride(0), q.stride(0), BLOCK=block, MIN_AMAX=_MIN_AMAX, MAX=FP8_MAX,
+        num_warps=warps)
+    return q, s
+
+
+@triton_op("embed_job::rms_norm_quantize", mutates_args=())
+def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(x) * weight as e4m3 rows and their scales; one pass."""
+    n = x.shape[1]
+    q, s = _outputs(x, n)
+    block, warps = _launch(n)
+    wrap_triton(_rms_norm_quantize_kernel)[(x.shape[0],)](
+        x, x, weight, x, q, s, n, x.stride(0), x.stride(0), x.stride(0), q.stride(0), eps,
+        ADD=False, BLOCK=block, MIN_AMAX=_MIN_AMAX, MAX=FP8_MAX, num_warps=warps)
+    return q, s
+
+
+@triton_op("embed_job::add_rms_norm_quantize", mutates_args=())
+def add_rms_norm_quantize(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = x + d, and RMSNorm(h) * weight as e4m3 rows and their scales; one pass."""
+    n = x.shape[1]
+    h = torch.empty_like(x)
+    q, s = _outputs(x, n)
+    block, warps = _launch(n)
+    wrap_triton(_rms_norm_quantize_kernel)[(x.shape[0],)](
+        x, d, weight, h, q, s, n, x.stride(0), d.stride(0), h.stride(0), q.stride(0), eps,
+        ADD=True, BLOCK=block, MIN_AMAX=_MIN_AMAX, MAX=FP8_MAX, num_warps=warps)
+    return h, q, s
+
+
+@triton_op("embed_job::silu_mul_quantize", mutates_args=())
+def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, 2N) [gate | up] -> SiLU(gate) * up as (M, N) e4m3 and (M, 1) scales; one pass."""
+    n = gate_up.shape[1] // 2
+    q, s = _outputs(gate_up, n)
+    block, warps = _launch(n)
+    wrap_triton(_silu_mul_quantize_kernel)[(gate_up.shape[0],)](
+        gate_up, q, s, n, gate_up.stride(0), q.stride(0), BLOCK=block, MIN_AMAX=_MIN_AMAX,
+        MAX=FP8_MAX, num_warps=warps)
+    return q, s
