@@ -236,10 +236,10 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
     from triton.testing import do_bench
 
     from pipeline.embedders.transformers_backend.fp8 import row_kernels_available
-    from pipeline.embedders.transformers_backend.packed import (
-        _quantized,
-        _quantized_norm,
-        _quantized_silu_mul,
+    from pipeline.embedders.transformers_backend.layer import (
+        quantized_activation,
+        quantized_norm,
+        quantized_silu_mul,
     )
 
     if not row_kernels_available():  # imports them: their torch.ops.embed_job operators
@@ -261,13 +261,13 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
     g, u = gu.float().chunk(2, dim=-1)
     # name: (the activation maker given kernels=True/False, float32 truth, bytes moved once)
     cases: dict[str, tuple[Any, Any, int]] = {
-        "rms_norm_quantize": (lambda k: _quantized_norm(x, None, w, eps, k)[1:],
+        "rms_norm_quantize": (lambda k: quantized_norm(x, None, w, eps, k)[1:],
                               lambda: norm(x), tokens * hidden * 3),
-        "add_rms_norm_quantize": (lambda k: _quantized_norm(x, d, w, eps, k),
+        "add_rms_norm_quantize": (lambda k: quantized_norm(x, d, w, eps, k),
                                   lambda: norm(x + d), tokens * hidden * 7),
-        "silu_mul_quantize": (lambda k: _quantized_silu_mul(gu, k), lambda: F.silu(g) * u,
+        "silu_mul_quantize": (lambda k: quantized_silu_mul(gu, k), lambda: F.silu(g) * u,
                               tokens * inter * 5),
-        "quantize_rows": (lambda k: _quantized(a, k), lambda: a.float(), tokens * attn_width * 3),
+        "quantize_rows": (lambda k: quantized_activation(a, k), lambda: a.float(), tokens * attn_width * 3),
     }
 
     def error(out: tuple[Any, ...], truth: Any) -> float:

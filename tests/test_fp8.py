@@ -34,16 +34,14 @@ from pipeline.embedders.transformers_backend.fp8 import (
     quantize_weight,
     row_kernels_available,
 )
-from pipeline.embedders.transformers_backend.model import TransformersEmbedder
-from pipeline.embedders.transformers_backend.packed import (
-    PackedDecoder,
-    UnsupportedModel,
-    _quantized,
-    _quantized_norm,
-    _quantized_silu_mul,
+from pipeline.embedders.transformers_backend.layer import (
     attention_out_mlp,
-    pack,
+    quantized_activation,
+    quantized_norm,
+    quantized_silu_mul,
 )
+from pipeline.embedders.transformers_backend.model import TransformersEmbedder
+from pipeline.embedders.transformers_backend.packed import PackedDecoder, UnsupportedModel, pack
 from pipeline.errors import ConfigError
 from pipeline.job.model_info import read_model_info
 
@@ -356,17 +354,17 @@ def test_row_kernels_against_the_reference(width: int) -> None:
 
     g, u = gu.float().chunk(2, dim=-1)
     cases = {
-        "quantize_rows": (lambda k: _quantized(x, k), x.float()),
-        "rms_norm_quantize": (lambda k: _quantized_norm(x, None, w, eps, k), norm(x)),
-        "add_rms_norm_quantize": (lambda k: _quantized_norm(x, d, w, eps, k), norm(x + d)),
-        "silu_mul_quantize": (lambda k: _quantized_silu_mul(gu, k), F.silu(g) * u),
+        "quantize_rows": (lambda k: quantized_activation(x, k), x.float()),
+        "rms_norm_quantize": (lambda k: quantized_norm(x, None, w, eps, k), norm(x)),
+        "add_rms_norm_quantize": (lambda k: quantized_norm(x, d, w, eps, k), norm(x + d)),
+        "silu_mul_quantize": (lambda k: quantized_silu_mul(gu, k), F.silu(g) * u),
     }
     for name, (fn, truth) in cases.items():
         kernel, reference = fn(True), fn(False)
         assert kernel[-2].dtype == FP8 and kernel[-1].shape == (257, 1), name
         assert _error(kernel, truth) <= max(_error(reference, truth) * 1.05, 1 / 16), name
         torch.testing.assert_close(kernel[-1], reference[-1], rtol=2 ** -7, atol=0)
-    h = _quantized_norm(x, d, w, eps, True)[0]
+    h = quantized_norm(x, d, w, eps, True)[0]
     assert torch.equal(h, x + d)
 
 

@@ -6,17 +6,14 @@ attention driven by ``cu_seqlens``, the cumulative sequence starts), and pooling
 rows it needs (the last token of each sequence for Qwen3-Embedding). No token is computed
 that is not in a chunk, so padding waste is zero whatever the batch looks like.
 
-The layer math is written out here in plain torch over the Hugging Face module's own weights,
-with two fusions the HF modules do not do: Q/K/V in one matrix product and gate/up in one. The
-fused weight is one tensor and the HF ``nn.Linear`` weights become views into it, so memory is
-not doubled and the HF model still runs (the padded reference path uses it). One decoder layer
-is one function of tensors, so ``torch.compile`` builds it once, with dynamic shapes, and
-every layer reuses that code: compilation takes seconds, not minutes.
+The layer math (``layer.py``) runs over the Hugging Face module's own weights, with two
+fusions the HF modules do not do: Q/K/V in one matrix product and gate/up in one. The fused
+weight is one tensor and the HF ``nn.Linear`` weights become views into it, so memory is not
+doubled and the HF model still runs (the padded reference path uses it).
 
-With ``quantization="fp8"`` the same layer functions take FP8 weights and their scales, and
-every matrix product becomes an FP8 GEMM (``fp8.scaled_linear``) of activations quantized
-per token, on CUDA by the one-pass Triton kernels of ``fp8_kernels`` (operators the compiled
-graph keeps); see ``pipeline.embedders.transformers_backend.fp8``.
+With ``quantization="fp8"`` the same layer functions take FP8 weights and their scales (made
+here, once, from the bf16 weights), and on CUDA their activations come from the one-pass
+Triton kernels of ``fp8_kernels``; see ``pipeline.embedders.transformers_backend.fp8``.
 
 On CUDA the attention is ``aten._flash_attention_forward`` with ``cu_seqlens`` (what
 ``torch.nn.attention.varlen.varlen_attn`` calls, with a stable signature across torch 2.5 -
@@ -29,7 +26,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +33,13 @@ import torch.nn.functional as F
 
 from pipeline.embedders.transformers_backend.fp8 import (
     fits,
-    quantize_rows,
     quantize_weight,
     row_kernels_available,
-    scaled_linear,
+)
+from pipeline.embedders.transformers_backend.layer import (
+    attention_in,
+    attention_out_mlp,
+    compiled_halves,
 )
 
 # Decoder families whose layer is: RMSNorm -> (q, k, v)[+ per-head q/k RMSNorm] -> RoPE ->
@@ -132,107 +131,6 @@ def split_for_packing(lengths: Sequence[int], max_tokens: int) -> list[tuple[int
 
 
 # ---------------------------------------------------------------------- the decoder
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As Hugging Face's Llama/Qwen RMSNorm: float32 statistics, weight applied in x's dtype."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _quantized_norm(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                    kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h' = h (+ d, the residual add), and RMSNorm(h') * weight as FP8 rows with their scales:
-    one Triton kernel (``fp8_kernels``) or the torch reference."""
-    if kernels:
-        ops = torch.ops.embed_job
-        if d is None:
-            return (h, *ops.rms_norm_quantize(h, weight, eps))
-        return ops.add_rms_norm_quantize(h, d, weight, eps)
-    if d is not None:
-        h = h + d
-    return (h, *quantize_rows(_rms_norm(h, weight, eps)))
-
-
-def _quantized_silu_mul(gate_up: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU(gate) * up of the fused gate/up output, as FP8 rows with their scales."""
-    if kernels:
-        return torch.ops.embed_job.silu_mul_quantize(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return quantize_rows(F.silu(gate) * up)
-
-
-def _quantized(x: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.embed_job.quantize_rows(x) if kernels else quantize_rows(x)
-
-
-def attention_in(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_norm: torch.Tensor,
-                 qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, q_norm: torch.Tensor | None,
-                 k_norm: torch.Tensor | None, n_q: int, n_kv: int, head_dim: int, eps: float,
-                 qkv_s: torch.Tensor | None = None, kernels: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First half of a pre-norm decoder layer: RMSNorm, fused Q/K/V, per-head Q/K RMSNorm
-    (Qwen3), RoPE. ``h`` (T, hidden), cos/sin (T, head_dim) -> q (T, n_q, D), k/v (T, n_kv, D).
-    ``qkv_s``: the per-row scales of an FP8 ``qkv_w``; ``kernels``: its activation made by the
-    one-pass Triton kernel."""
-    T = h.shape[0]
-    if qkv_s is None:
-        qkv = F.linear(_rms_norm(h, in_norm, eps), qkv_w, qkv_b)
-    else:
-        _, x, x_s = _quantized_norm(h, None, in_norm, eps, kernels)
-        qkv = scaled_linear(x, x_s, qkv_w, qkv_s, qkv_b, h.dtype)
-    q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    q = q.reshape(T, n_q, head_dim)
-    k = k.reshape(T, n_kv, head_dim)
-    v = v.reshape(T, n_kv, head_dim)
-    if q_norm is not None:
-        q = _rms_norm(q, q_norm, eps)
-    if k_norm is not None:
-        k = _rms_norm(k, k_norm, eps)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
-    return q.contiguous(), k.contiguous(), v.contiguous()
-
-
-def attention_out_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor,
-                      o_b: torch.Tensor | None, post_norm: torch.Tensor, gate_up_w: torch.Tensor,
-                      down_w: torch.Tensor, eps: float, o_s: torch.Tensor | None = None,
-                      gate_up_s: torch.Tensor | None = None, down_s: torch.Tensor | None = None,
-                      kernels: bool = False) -> torch.Tensor:
-    """Second half: o_proj + residual, RMSNorm, fused gate/up, SiLU, down + residual (the
-    ``*_s`` scales: FP8 weights; ``kernels``: their activations made by the Triton kernels)."""
-    a = attn.reshape(h.shape[0], -1)
-    if o_s is None or gate_up_s is None or down_s is None:
-        h = h + F.linear(a, o_w, o_b)  # bf16: cuBLAS adds the residual in the GEMM's epilogue
-        gate, up = F.linear(_rms_norm(h, post_norm, eps), gate_up_w).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, down_w)
-    o = scaled_linear(*_quantized(a, kernels), o_w, o_s, o_b, h.dtype)
-    h, x, x_s = _quantized_norm(h, o, post_norm, eps, kernels)
-    gate_up = scaled_linear(x, x_s, gate_up_w, gate_up_s, None, h.dtype)
-    return h + scaled_linear(*_quantized_silu_mul(gate_up, kernels), down_w, down_s, None,
-                             h.dtype)
-
-
-_COMPILED: dict[str, Any] = {}
-
-
-def compiled_halves() -> tuple[Any, Any]:
-    """The two halves of a layer under ``torch.compile``, built once per process and shared by
-    every layer and embedder (layers differ only in the weight tensors passed in). The
-    attention between them runs eagerly: it takes a host int (the longest sequence) that
-    would otherwise become a symbolic input, and it is one fused kernel already."""
-    if not _COMPILED:
-        _COMPILED["in"] = torch.compile(attention_in)
-        _COMPILED["out"] = torch.compile(attention_out_mlp)
-    return _COMPILED["in"], _COMPILED["out"]
-
 
 @dataclass
 class _Layer:
