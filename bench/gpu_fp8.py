@@ -288,6 +288,26 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
                 note="error: largest |dequantized - float32 truth| / the row's largest value; "
                      "bytes: the kernel's reads and writes once")
 
+    # the warps per program that the kernels' launch rule picks, beside the others
+    from pipeline.embedders.transformers_backend import fp8_kernels as K
+
+    def launch(kernel: Any, src: Any, n: int, warps: int, *before: Any) -> Any:
+        q = torch.empty((tokens, n), dtype=torch.float8_e4m3fn, device=dev)
+        s = torch.empty((tokens, 1), dtype=torch.float32, device=dev)
+        return lambda: kernel[(tokens,)](src, q, s, n, src.stride(0), q.stride(0),
+                                         BLOCK=triton_block(n), MIN_AMAX=1e-12, MAX=448.0,
+                                         num_warps=warps)
+
+    from triton import next_power_of_2 as triton_block
+
+    for name, kernel, src, n, nbytes in (
+            ("silu_mul_quantize", K._silu_mul_quantize_kernel, gu, inter, tokens * inter * 5),
+            ("quantize_rows", K._quantize_rows_kernel, a, attn_width, tokens * attn_width * 3)):
+        times = {w: do_bench(launch(kernel, src, n, w)) for w in (4, 8, 16, 32)}
+        res.add(stage=f"kernels:{name}:warps", chosen=K._launch(n)[1],
+                ms={w: round(t, 4) for w, t in times.items()},
+                gb_per_s={w: round(nbytes / t / 1e6, 1) for w, t in times.items()})
+
 
 def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: Any, sync: Any,
                       work: Path, out: Path) -> None:
