@@ -289,16 +289,16 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
                      "bytes: the kernel's reads and writes once")
 
     # the warps per program that the kernels' launch rule picks, beside the others
+    from triton import next_power_of_2 as triton_block
+
     from pipeline.embedders.transformers_backend import fp8_kernels as K
 
-    def launch(kernel: Any, src: Any, n: int, warps: int, *before: Any) -> Any:
+    def launch(kernel: Any, src: Any, n: int, warps: int) -> Any:
         q = torch.empty((tokens, n), dtype=torch.float8_e4m3fn, device=dev)
         s = torch.empty((tokens, 1), dtype=torch.float32, device=dev)
         return lambda: kernel[(tokens,)](src, q, s, n, src.stride(0), q.stride(0),
                                          BLOCK=triton_block(n), MIN_AMAX=1e-12, MAX=448.0,
                                          num_warps=warps)
-
-    from triton import next_power_of_2 as triton_block
 
     for name, kernel, src, n, nbytes in (
             ("silu_mul_quantize", K._silu_mul_quantize_kernel, gu, inter, tokens * inter * 5),
