@@ -114,6 +114,31 @@ class MilvusConnection:
                 message += f"; {refused}"
             raise (TransientError(message) if _is_transient(e) else SinkError(message)) from e
 
+    def load(self, name: str) -> None:
+        """Load a collection (a reopened Lite db starts with its collections released).
+
+        milvus-lite 3.2 writes a segment's index file in place (``indexes/*.idx`` beside the
+        segment's data) and, finding one, loads it without a fallback: a process killed while
+        writing one leaves a Lite collection that fails to load for good ("No data left in
+        file"). The index files are derived from the data, so a Lite load that fails is tried
+        once more without that collection's index files, which Lite then rebuilds."""
+        client = self.connect()
+        try:
+            self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+        except SinkError as e:
+            if is_server_uri(self.uri):
+                raise
+            derived = list((Path(self.uri) / "collections" / name / "partitions")
+                           .glob("*/indexes/*.idx"))
+            if not derived:
+                raise
+            for path in derived:
+                path.unlink()
+            logging.getLogger(__name__).warning(
+                "%s: rebuilding the index of collection %r (its index files did not load: %s)",
+                self.uri, name, str(e).rsplit(": ", 1)[-1])
+            self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+
     def _check_lite_target(self) -> None:
         if not self.uri.endswith(".db"):
             raise SinkError(f"milvus {self.uri}: a Milvus Lite path must end in .db "

@@ -162,7 +162,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
     def rows_of(self, name: str) -> Iterator[tuple[str, int, str]]:
         client = self.connect()
         what = f"query of {name!r}"
-        self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+        self.load(name)
         it = self._call(what, client.query_iterator, name, batch_size=5000, filter="",
                         output_fields=["doc_id", "chunk_index", "doc_hash"],
                         consistency_level="Strong", timeout=self.timeout)
@@ -180,8 +180,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         if name is None:
             raise SinkError(f"milvus {mask_uri(self.uri)}: alias {self.alias!r} does not exist: "
                             f"nothing published yet")
-        client = self.connect()
-        self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+        self.load(name)
         return name
 
     def scan(self, generation: str | None = None) -> Iterator[ScannedRows]:
@@ -239,7 +238,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         """The client, with the collection loaded (a reopened Lite db starts released)."""
         client = self.connect()
         if not self._loaded:
-            self._call("load", client.load_collection, self.collection, timeout=self.timeout)
+            self.load(self.collection)
             self._loaded = True
         return client
 
