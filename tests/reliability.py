@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ENV_VAR = "EMBED_JOB_WRITE_RELIABILITY"
-COMMAND = (f"{ENV_VAR}=1 python -m pytest tests/test_bad_input.py tests/test_faults.py "
+COMMAND = (f"{ENV_VAR}=1 python -m pytest -n 0 tests/test_bad_input.py tests/test_faults.py "
            "tests/test_data_safety.py tests/test_first_contact.py")
 TABLE_PATH = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
@@ -70,6 +70,12 @@ def write(path: Path = TABLE_PATH) -> Path:
 
 def _cell(value: str) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The rows live in one process: several test workers would each write a part."""
+    if os.environ.get(ENV_VAR) == "1" and config.getoption("numprocesses", default=None):
+        raise pytest.UsageError(f"{ENV_VAR}=1 collects the table in one process: add -n 0")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -658,7 +658,7 @@ def test_reliability_table_is_escaped_and_sorted() -> None:
     from reliability import Row, render, rows
 
     table = render([Row("a", "z", "e|1", "o\nx")])
-    assert "`EMBED_JOB_WRITE_RELIABILITY=1 python -m pytest tests/test_bad_input.py " \
+    assert "`EMBED_JOB_WRITE_RELIABILITY=1 python -m pytest -n 0 tests/test_bad_input.py " \
            "tests/test_faults.py tests/test_data_safety.py tests/test_first_contact.py`" in table
     assert table.splitlines()[-1] == "| a | z | e\\|1 | o x |"
     keys = [(r.category, r.case) for r in rows()]
