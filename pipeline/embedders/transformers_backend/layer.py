@@ -35,7 +35,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_norm(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                    kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h' = h (+ d, the residual add), and RMSNorm(h') * weight as FP8 rows with their scales:
     one Triton kernel (``fp8_kernels``) or the torch reference."""
     if kernels:
@@ -57,6 +57,7 @@ def quantized_silu_mul(gate_up: torch.Tensor, kernels: bool) -> tuple[torch.Tens
 
 
 def quantized_activation(x: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) rows (the attention output) as FP8 rows with their scales."""
     return torch.ops.embed_job.quantize_rows(x) if kernels else quantize_rows(x)
 
 
