@@ -81,8 +81,8 @@ def kernel_kind(event: dict[str, Any]) -> str:
 
     Inductor names its kernels after the aten ops they fuse (``triton_per_fused_..._amax_...``):
     a kernel with ``amax`` computes a per-token FP8 scale (fused with the RMSNorm, SiLU·up or
-    layout copy that produces the activation), as do ``fp8_kernels``' (``*quantize*``); the GEMMs are cuBLASLt's (``nvjet``/``sm90_xmma``
-    names) or CUTLASS's."""
+    layout copy that produces the activation), as do ``fp8_kernels``' (``*quantize*``); the
+    GEMMs are cuBLASLt's (``nvjet``/``sm90_xmma`` names) or CUTLASS's."""
     name = str(event.get("name", "")).lower()
     if event.get("cat") in ("gpu_memcpy", "gpu_memset"):
         return "memcpy/memset"
@@ -267,7 +267,8 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
                                   lambda: norm(x + d), tokens * hidden * 7),
         "silu_mul_quantize": (lambda k: quantized_silu_mul(gu, k), lambda: F.silu(g) * u,
                               tokens * inter * 5),
-        "quantize_rows": (lambda k: quantized_activation(a, k), lambda: a.float(), tokens * attn_width * 3),
+        "quantize_rows": (lambda k: quantized_activation(a, k), lambda: a.float(),
+                          tokens * attn_width * 3),
     }
 
     def error(out: tuple[Any, ...], truth: Any) -> float:
@@ -292,12 +293,13 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
     from triton import next_power_of_2 as triton_block
 
     from pipeline.embedders.transformers_backend import fp8_kernels as K
+    from pipeline.embedders.transformers_backend.fp8 import _MIN_AMAX, FP8, FP8_MAX
 
     def launch(kernel: Any, src: Any, n: int, warps: int) -> Any:
-        q = torch.empty((tokens, n), dtype=torch.float8_e4m3fn, device=dev)
+        q = torch.empty((tokens, n), dtype=FP8, device=dev)
         s = torch.empty((tokens, 1), dtype=torch.float32, device=dev)
         return lambda: kernel[(tokens,)](src, q, s, n, src.stride(0), q.stride(0),
-                                         BLOCK=triton_block(n), MIN_AMAX=1e-12, MAX=448.0,
+                                         BLOCK=triton_block(n), MIN_AMAX=_MIN_AMAX, MAX=FP8_MAX,
                                          num_warps=warps)
 
     for name, kernel, src, n, nbytes in (
@@ -439,7 +441,8 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
                        model_extra={"dtype": "bfloat16", "device": str(device), "packing": "on",
                                     "compile": "on", "quantization": "fp8"})
         if processes:  # batching.planner_processes of the run
-            job["batching"]["planner_processes"] = processes if processes == "auto" else int(processes)
+            job["batching"]["planner_processes"] = \
+                processes if processes == "auto" else int(processes)
         r = run_pipeline(job, work / "e2e-fp8")  # the run makes its embedder from the job
         ref = rates.get("tf_fp8")
         ratio = r["tokens_per_s"] / ref if ref else None
@@ -449,7 +452,7 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
                 runner_ratio_to_embedder=round(r["runner_tokens_per_s"] / ref, 3) if ref else None,
                 **r)
 
-    for processes in (os.environ.get("BENCH_PLANNER_PROCESSES") or "").split(",") or [""]:
+    for processes in os.environ.get("BENCH_PLANNER_PROCESSES", "").split(","):  # "": default
         if f8 is not None and want("pipeline", 25 + 20 * args.pipeline_copies):
             guarded(f"tf_fp8:pipeline[{processes or 'default'}]",
                     lambda p=processes: pipeline(p or None))

@@ -108,7 +108,7 @@ def worker_slots(gpus: GpuSpec | None, workers: int, device: str,
 def planner_processes(setting: int | Literal["auto"], slots: list[Slot], device: str,
                       found: int | None = None) -> int:
     """Tokenizing processes: the job's number, or for ``auto`` two per GPU (one process plans
-    ~380K tokens/s with the Qwen3 vocabulary, one H200 embeds up to ~100K) within the cores,
+    ~380K tokens/s with the Qwen3 vocabulary, one GPU embeds up to ~110K in FP8) within the cores,
     leaving two for the run's own threads. A run embedding on a GPU in its own process
     (``device`` not cpu, a GPU present) counts as one GPU: its planning must not share the
     process's interpreter lock with the thread that launches the GPU's work (measured in

@@ -16,11 +16,12 @@ the maximum, once to scale — and recomputes SiLU·up in each loop. The profile
 
 They are ``torch.library.triton_op`` operators, so ``torch.compile`` keeps them in the layer's
 graph (no graph break) and Inductor fuses what surrounds them. Their math is the torch
-reference's (``packed.py``'s ``_rms_norm``, ``F.silu``, ``fp8.quantize_rows``) except that
-SiLU·up stays in float32 until it is scaled (the reference rounds it to bf16 first);
-``tests/test_fp8.py`` checks them against it where Triton runs (its CPU interpreter, with
-``TRITON_INTERPRET=1``). Importing this module needs Triton: ``fp8.row_kernels()`` imports it
-only where it can run.
+reference's (``layer.py``'s ``quantized_*`` with ``kernels=False``: ``_rms_norm``, ``F.silu``,
+``fp8.quantize_rows``) except that SiLU·up stays in float32 until it is scaled (the reference
+rounds it to bf16 first); ``tests/test_fp8.py``'s ``gpu`` tests check them against it on a
+CUDA GPU (Triton's CPU interpreter rounds casts unlike the hardware, so it cannot stand in).
+Importing this module needs Triton: ``fp8.row_kernels_available()`` imports it only where it
+can run.
 """
 
 from __future__ import annotations
