@@ -8,6 +8,9 @@ bf16 weights; the smoke corpus: 3000 documents, 1,654,541 tokens; sorted 32K-tok
                                     (``fp8_kernels``) beside Inductor's fusion of the torch
                                     reference, at the model's widths and 16,384 tokens: error
                                     against the float32 truth, time (do_bench), bytes/s
+  attention                         the packed path's attention (flash attention 2's varlen
+                                    kernel, torch's) beside cuDNN's ragged attention over the
+                                    bench plan's batches: time, agreement, first-call cost
   tf_bf16:startup, tf_bf16:stream   the packed path in bf16 (the product's GPU default)
   tf_fp8:startup, tf_fp8:stream     the same embedder with ``quantization="fp8"``: its linear
                                     layers quantized at load from the same bf16 weights
@@ -68,7 +71,7 @@ from common import (  # noqa: E402
 
 T0 = time.monotonic()
 GOAL = 110_000  # tokens/s on one H200 (the issue's)
-STAGES = ("kernels", "tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "quality",
+STAGES = ("kernels", "attention", "tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "quality",
           "exact_accum", "repeat", "golden")
 KINDS = ("attention", "matmul", "quantize (fused)", "other fused", "other kernels",
          "memcpy/memset")
@@ -213,6 +216,8 @@ def main() -> int:
 
     if cuda and want("kernels", 30):
         guarded("kernels", lambda: kernel_stages(res))
+    if cuda and want("attention", 40):
+        guarded("attention", lambda: attention_stage(res, args.docs))
     throughput = stages & {"tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "exact_accum",
                            "repeat", "golden"}
     if throughput:
@@ -237,6 +242,7 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
 
     from pipeline.embedders.transformers_backend.fp8 import row_kernels_available
     from pipeline.embedders.transformers_backend.layer import (
+        norm_rope,
         quantized_activation,
         quantized_norm,
         quantized_silu_mul,
@@ -289,6 +295,27 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
                 note="error: largest |dequantized - float32 truth| / the row's largest value; "
                      "bytes: the kernel's reads and writes once")
 
+    # the Q/K norm + RoPE kernel (no FP8) beside Inductor's fusion of the reference
+    n_q, n_kv, hd = (int(cfg[k]) for k in ("num_attention_heads", "num_key_value_heads",
+                                           "head_dim"))
+    qkv = torch.randn(tokens, (n_q + 2 * n_kv) * hd, device=dev, dtype=torch.bfloat16)
+    cos, sin = (f(torch.rand(tokens, hd, device=dev) * 6).to(torch.bfloat16)
+                for f in (torch.cos, torch.sin))
+    qn, kn = ((torch.rand(hd, device=dev) + 0.5).to(torch.bfloat16) for _ in range(2))
+    rope = functools.partial(norm_rope, qkv, cos, sin, qn, kn, n_q, n_kv, hd, eps)
+    rope_inductor = torch.compile(functools.partial(rope, False), dynamic=True)
+    ref_q, ref_k = rope_inductor()
+    ker_q, ker_k = rope(True)
+    ms_k, ms_i = do_bench(functools.partial(rope, True)), do_bench(rope_inductor)
+    nbytes = tokens * ((n_q + n_kv) * hd * 4 + hd * 4)  # q/k read and written, cos/sin read
+    res.add(stage="kernels:qk_norm_rope", tokens=tokens, kernel_ms=round(ms_k, 4),
+            inductor_ms=round(ms_i, 4), speedup=round(ms_i / ms_k, 2),
+            kernel_gb_per_s=round(nbytes / ms_k / 1e6, 1),
+            max_diff_q=float((ker_q.float() - ref_q.float()).abs().max()),
+            max_diff_k=float((ker_k.float() - ref_k.float()).abs().max()),
+            note="Qwen3's per-head RMSNorm of q and k + RoPE, from the fused Q/K/V rows; "
+                 "max_diff: kernel vs Inductor's (both round once, to bf16)")
+
     # the warps per program that the kernels' launch rule picks, beside the others
     from triton import next_power_of_2 as triton_block
 
@@ -309,6 +336,67 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
         res.add(stage=f"kernels:{name}:warps", chosen=K._launch(n)[1],
                 ms={w: round(t, 4) for w, t in times.items()},
                 gb_per_s={w: round(nbytes / t / 1e6, 1) for w, t in times.items()})
+
+
+def attention_stage(res: Results, n_docs: int, every: int = 3) -> None:
+    """Attention alone over every ``every``-th batch of the bench plan (the corpus's lengths,
+    32K-token batches, Qwen3-Embedding-4B's heads): the product's flash attention (FA2) beside
+    cuDNN's attention with ragged offsets (``aten._cudnn_attention_forward`` with cu_seqlens),
+    the candidate for Hopper. Random q/k/v: times and agreement, not quality."""
+    import torch
+    from triton.testing import do_bench
+
+    from pipeline.embedders.transformers_backend.packed import varlen_attention
+    from pipeline.plan.batching import pack_batches
+
+    cfg, dev = QWEN3_EMBEDDING_4B, "cuda"
+    n_q, n_kv, hd = (int(cfg[k]) for k in ("num_attention_heads", "num_key_value_heads",
+                                           "head_dim"))
+    lengths = np.sort([len(d) for d in make_docs(n_docs)])
+    bounds = pack_batches(lengths, 32768, 256)[::every]
+    scale = hd ** -0.5
+    totals = {"fa2": 0.0, "cudnn": 0.0}
+    first_ms, worst, tokens, error = [], 0.0, 0, None
+    torch.manual_seed(0)
+    for s, e in bounds:
+        lens = torch.tensor(lengths[s:e], dtype=torch.int32)
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        cu = cu.to(dev)
+        t, longest = int(lens.sum()), int(lens.max())
+        q = torch.randn(t, n_q, hd, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(t, n_kv, hd, device=dev, dtype=torch.bfloat16) for _ in range(2))
+
+        def fa2() -> torch.Tensor:
+            return varlen_attention(q, k, v, cu, longest, scale, True)
+
+        def cudnn() -> torch.Tensor:
+            return torch.ops.aten._cudnn_attention_forward(
+                q, k, v, None, cu, cu, longest, longest, False, 0.0, True, scale=scale)[0]
+
+        ref = fa2()
+        if error is None:
+            try:
+                torch.cuda.synchronize()
+                t0 = time.monotonic()
+                out = cudnn()
+                torch.cuda.synchronize()
+                first_ms.append((time.monotonic() - t0) * 1e3)
+                worst = max(worst, float((out.float() - ref.float()).abs().max()))
+                totals["cudnn"] += do_bench(cudnn, warmup=5, rep=20)
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        totals["fa2"] += do_bench(fa2, warmup=5, rep=20)
+        tokens += t
+    res.add(stage="attention", batches=len(bounds), tokens=tokens,
+            fa2_ms=round(totals["fa2"], 2),
+            cudnn_ms=None if error else round(totals["cudnn"], 2),
+            cudnn_speedup=None if error else round(totals["fa2"] / totals["cudnn"], 3),
+            cudnn_max_diff=None if error else worst, cudnn_error=error,
+            cudnn_first_call_ms=[round(x, 1) for x in first_ms[:8]],
+            note=f"every {every}th batch of the bench plan; times per forward of one layer's "
+                 "attention (do_bench); first_call: the first call per new shape (cuDNN "
+                 "builds a graph per shape)")
 
 
 def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: Any, sync: Any,

@@ -35,6 +35,8 @@ from pipeline.embedders.transformers_backend.fp8 import (
     row_kernels_available,
 )
 from pipeline.embedders.transformers_backend.layer import (
+    _rms_norm,
+    attention_in,
     attention_out_mlp,
     quantized_activation,
     quantized_norm,
@@ -222,9 +224,9 @@ def test_activation_quantization_is_traced_into_the_layer_graph() -> None:
     gu, gu_s = quantize_weight(torch.randn(256, 64))
     down, down_s = quantize_weight(torch.randn(64, 128))
     fn = torch.compile(attention_out_mlp, backend=capture, fullgraph=True, dynamic=True)
-    out = fn(torch.randn(37, 64), torch.randn(37, 4, 16), o, None, torch.ones(64), gu, down,
-             1e-6, o_s, gu_s, down_s)
-    assert out.shape == (37, 64) and len(graphs) == 1
+    h, d = fn(torch.randn(37, 64), torch.randn(37, 4, 16), o, None, torch.ones(64), gu, down,
+              1e-6, o_s, gu_s, down_s)
+    assert d is not None and h.shape == d.shape == (37, 64) and len(graphs) == 1  # d: the next norm adds it
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op in ("call_function",
                                                                        "call_method")]
     assert sum("_scaled_mm" in t for t in targets) == 3
@@ -366,6 +368,52 @@ def test_row_kernels_against_the_reference(width: int) -> None:
         torch.testing.assert_close(kernel[-1], reference[-1], rtol=2 ** -7, atol=0)
     h = quantized_norm(x, d, w, eps, True)[0]
     assert torch.equal(h, x + d)
+
+
+@pytest.mark.gpu
+@needs_row_kernels
+@pytest.mark.parametrize("n_q,n_kv,head_dim,norms", [(32, 8, 128, True), (28, 4, 128, True),
+                                                      (16, 16, 64, False)])
+def test_qk_norm_rope_kernel_against_the_reference(n_q: int, n_kv: int, head_dim: int,
+                                                   norms: bool) -> None:
+    """The Q/K norm + RoPE kernel against the float32 truth from the same bf16 Q/K/V rows: no
+    worse than the torch reference in bf16 (Qwen3-4B's heads, a head count that is not a power
+    of two, no per-head norms as in Llama); v is a view of the rows, not a copy."""
+    torch.manual_seed(n_q)
+    dev, bf16, eps, t = "cuda", torch.bfloat16, 1e-6, 301
+    width = (n_q + 2 * n_kv) * head_dim
+    h = torch.randn(t, 64, device=dev, dtype=bf16)
+    w = (torch.randn(width, 64, device=dev) / 8).to(bf16)
+    angles = torch.rand(t, head_dim // 2, device=dev) * 6.3
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(bf16) for f in (torch.cos, torch.sin))
+    qn, kn = ((torch.rand(head_dim, device=dev) + 0.5).to(bf16) if norms else None
+              for _ in range(2))
+    ones = torch.ones(64, device=dev, dtype=bf16)
+
+    def halves(dtype: torch.dtype, kernels: bool) -> tuple[torch.Tensor, ...]:
+        def cast(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(dtype)
+        return attention_in(h.to(dtype), None, cos.to(dtype), sin.to(dtype), ones.to(dtype),
+                            w.to(dtype), None, cast(qn), cast(kn), n_q, n_kv, head_dim, eps,
+                            kernels=kernels)[1:]
+
+    # the truth: the bf16 path's own Q/K/V product, then per-head norm and RoPE in float32
+    qkv = torch.nn.functional.linear(_rms_norm(h, ones, eps), w).float()
+    q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    truth = []
+    for x, weight in ((q.reshape(t, n_q, head_dim), qn), (k.reshape(t, n_kv, head_dim), kn)):
+        if weight is not None:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        half = head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        truth.append(x * cos.float()[:, None] + rotated * sin.float()[:, None])
+    truth.append(v.reshape(t, n_kv, head_dim))
+    kernel, reference = halves(bf16, True), halves(bf16, False)
+    for name, k_out, r_out, true in zip("qkv", kernel, reference, truth):
+        assert k_out.shape == r_out.shape and k_out.dtype == bf16, name
+        k_err, r_err = ((x.float() - true).abs().max().item() for x in (k_out, r_out))
+        assert k_err <= r_err * 1.05 + 1e-3, (name, k_err, r_err)
+    assert kernel[2]._base is not None and not kernel[2].is_contiguous()  # a view
 
 
 @pytest.mark.gpu

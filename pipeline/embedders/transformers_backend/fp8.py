@@ -15,8 +15,8 @@ What is quantized, and how:
   cast are fused by Inductor into the kernel producing the activation, but for rows wider than
   1,024 values it loops over each row twice (the maximum, then the scaling), recomputing
   SiLU·up; the profile in ``bench/gpu_fp8.py`` measured that pass as FP8's main overhead. The
-  residual add after down_proj, which the bf16 GEMM absorbs (``addmm``), is a small
-  element-wise kernel here.
+  residual add after down_proj, which the bf16 GEMM absorbs (``addmm``) and ``_scaled_mm``
+  cannot, is left to the next layer's norm kernel (``layer.attention_out_mlp``).
 - **The product**: ``torch._scaled_mm(x_fp8, W_fp8.t(), scale_a=(T, 1), scale_b=(1, N),
   out_dtype=bfloat16)``: FP8 tensor cores with both scales applied in the GEMM's epilogue.
   Its requirements (torch 2.11-2.13, CUDA): compute capability 8.9 or 9.x+, K and N multiples

@@ -8,7 +8,8 @@ dynamic shapes, and every layer reuses that code (compilation takes seconds, not
 
 With FP8 weights (their per-row scales given) every matrix product is an FP8 GEMM
 (``fp8.scaled_linear``) of activations quantized per token: by the one-pass Triton kernels
-(``fp8_kernels``, ``kernels=True``, CUDA) or by the torch reference (``fp8.quantize_rows``).
+(``fp8_kernels``, ``kernels=True``, CUDA; the Q/K norm + RoPE too) or by the torch reference
+(``fp8.quantize_rows``).
 """
 
 from __future__ import annotations
@@ -61,25 +62,43 @@ def quantized_activation(x: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, 
     return torch.ops.embed_job.quantize_rows(x) if kernels else quantize_rows(x)
 
 
-def attention_in(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_norm: torch.Tensor,
-                 qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, q_norm: torch.Tensor | None,
-                 k_norm: torch.Tensor | None, n_q: int, n_kv: int, head_dim: int, eps: float,
-                 qkv_s: torch.Tensor | None = None, kernels: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First half of a pre-norm decoder layer: RMSNorm, fused Q/K/V, per-head Q/K RMSNorm
-    (Qwen3), RoPE. ``h`` (T, hidden), cos/sin (T, head_dim) -> q (T, n_q, D), k/v (T, n_kv, D).
-    ``qkv_s``: the per-row scales of an FP8 ``qkv_w``; ``kernels``: its activation made by the
-    one-pass Triton kernel."""
-    T = h.shape[0]
+def attention_in(h: torch.Tensor, d: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 in_norm: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
+                 q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, n_q: int, n_kv: int,
+                 head_dim: int, eps: float, qkv_s: torch.Tensor | None = None,
+                 kernels: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of a pre-norm decoder layer: [the previous layer's residual add,] RMSNorm,
+    fused Q/K/V, per-head Q/K RMSNorm (Qwen3), RoPE. ``h`` (T, hidden) and ``d`` (the previous
+    layer's MLP output, not yet added: FP8; or None), cos/sin (T, head_dim) -> the residual
+    h + d, q (T, n_q, D), k/v (T, n_kv, D); v is a view into the Q/K/V product (attention reads
+    strided rows). ``qkv_s``: the per-row scales of an FP8 ``qkv_w``; ``kernels``: the Triton
+    kernels make its activation and the Q/K norm + RoPE."""
     if qkv_s is None:
+        if d is not None:
+            h = h + d
         qkv = F.linear(_rms_norm(h, in_norm, eps), qkv_w, qkv_b)
     else:
-        _, x, x_s = quantized_norm(h, None, in_norm, eps, kernels)
+        h, x, x_s = quantized_norm(h, d, in_norm, eps, kernels)
         qkv = scaled_linear(x, x_s, qkv_w, qkv_s, qkv_b, h.dtype)
-    q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    v = qkv[:, (n_q + n_kv) * head_dim:].view(-1, n_kv, head_dim)
+    q, k = norm_rope(qkv, cos, sin, q_norm, k_norm, n_q, n_kv, head_dim, eps, kernels)
+    return h, q, k, v
+
+
+def norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, n_q: int, n_kv: int,
+              head_dim: int, eps: float, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (T, n_q, D) and k (T, n_kv, D) of the fused Q/K/V rows, RMSNorm'd per head (Qwen3)
+    and rotated (RoPE): one Triton kernel (``fp8_kernels.qk_norm_rope``, for a power-of-two
+    head size) or the torch reference."""
+    if kernels and head_dim >= 2 and head_dim & (head_dim - 1) == 0:
+        return torch.ops.embed_job.qk_norm_rope(qkv, cos, sin, q_norm, k_norm, n_q, n_kv,
+                                                head_dim, eps)
+    T = qkv.shape[0]
+    q, k = qkv[:, :(n_q + n_kv) * head_dim].split([n_q * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(T, n_q, head_dim)
     k = k.reshape(T, n_kv, head_dim)
-    v = v.reshape(T, n_kv, head_dim)
     if q_norm is not None:
         q = _rms_norm(q, q_norm, eps)
     if k_norm is not None:
@@ -87,26 +106,28 @@ def attention_in(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_norm:
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    return q.contiguous(), k.contiguous()
 
 
 def attention_out_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor,
                       o_b: torch.Tensor | None, post_norm: torch.Tensor, gate_up_w: torch.Tensor,
                       down_w: torch.Tensor, eps: float, o_s: torch.Tensor | None = None,
                       gate_up_s: torch.Tensor | None = None, down_s: torch.Tensor | None = None,
-                      kernels: bool = False) -> torch.Tensor:
+                      kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Second half: o_proj + residual, RMSNorm, fused gate/up, SiLU, down + residual (the
-    ``*_s`` scales: FP8 weights; ``kernels``: their activations made by the Triton kernels)."""
+    ``*_s`` scales: FP8 weights; ``kernels``: their activations made by the Triton kernels).
+    Returns the residual and, in FP8, down_proj's output apart: FP8 GEMMs cannot add the
+    residual in their epilogue as the bf16 ones do, so the next layer's norm adds it
+    (``attention_in``; one pass over the row instead of two) and the last one's caller."""
     a = attn.reshape(h.shape[0], -1)
     if o_s is None or gate_up_s is None or down_s is None:
         h = h + F.linear(a, o_w, o_b)  # bf16: cuBLAS adds the residual in the GEMM's epilogue
         gate, up = F.linear(_rms_norm(h, post_norm, eps), gate_up_w).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, down_w)
+        return h + F.linear(F.silu(gate) * up, down_w), None
     o = scaled_linear(*quantized_activation(a, kernels), o_w, o_s, o_b, h.dtype)
     h, x, x_s = quantized_norm(h, o, post_norm, eps, kernels)
     gate_up = scaled_linear(x, x_s, gate_up_w, gate_up_s, None, h.dtype)
-    return h + scaled_linear(*quantized_silu_mul(gate_up, kernels), down_w, down_s, None,
-                             h.dtype)
+    return h, scaled_linear(*quantized_silu_mul(gate_up, kernels), down_w, down_s, None, h.dtype)
 
 
 _COMPILED: dict[str, Any] = {}

@@ -269,19 +269,23 @@ class PackedDecoder:
         if not dynamic:  # a 1-token batch would be a graph of its own: not worth compiling
             fn_in, fn_out = self._eager
         mark = torch._dynamo.mark_dynamic
+        d: torch.Tensor | None = None  # FP8: the last MLP output, added by the next norm
         for w in self.layers:
             if dynamic:  # T is symbolic from the first compilation on: one graph for all lengths
-                for t in (h, cos, sin):
-                    mark(t, 0)
-            q, k, v = fn_in(h, cos, sin, w.in_norm, w.qkv_w, w.qkv_b, w.q_norm, w.k_norm,
-                            self.n_q, self.n_kv, self.head_dim, self.eps, w.qkv_s,
-                            self.row_kernels)
+                for t in (h, d, cos, sin):
+                    if t is not None:
+                        mark(t, 0)
+            h, q, k, v = fn_in(h, d, cos, sin, w.in_norm, w.qkv_w, w.qkv_b, w.q_norm, w.k_norm,
+                               self.n_q, self.n_kv, self.head_dim, self.eps, w.qkv_s,
+                               self.row_kernels)
             attn = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, True)
             if dynamic:
                 mark(h, 0)
                 mark(attn, 0)
-            h = fn_out(h, attn, w.o_w, w.o_b, w.post_norm, w.gate_up_w, w.down_w, self.eps,
-                       w.o_s, w.gate_up_s, w.down_s, self.row_kernels)
+            h, d = fn_out(h, attn, w.o_w, w.o_b, w.post_norm, w.gate_up_w, w.down_w, self.eps,
+                          w.o_s, w.gate_up_s, w.down_s, self.row_kernels)
+        if d is not None:
+            h = h + d
         cu = cu_seqlens.to(torch.long)
         if self.pooling == "last":
             return model.norm(h.index_select(0, cu[1:] - 1)).to(torch.float32)
