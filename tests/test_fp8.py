@@ -45,6 +45,7 @@ from pipeline.embedders.transformers_backend.layer import (
 from pipeline.embedders.transformers_backend.model import TransformersEmbedder
 from pipeline.embedders.transformers_backend.packed import PackedDecoder, UnsupportedModel, pack
 from pipeline.errors import ConfigError
+from pipeline.job.load import load_job
 from pipeline.job.model_info import read_model_info
 
 
@@ -258,6 +259,24 @@ def test_fp8_on_the_cpu_is_one_line(tmp_path: Path, device: str, where: str) -> 
     ran = run(job, catch=True)
     assert ran.exit_code == 2 and ran.exception is None and "Traceback" not in ran.output
     assert [line for line in error_lines(ran.output) if "model.quantization" in line] == lines
+
+
+def test_quantization_is_in_the_fingerprint_only_when_set(tmp_path: Path) -> None:
+    """FP8 moves vectors beyond floating-point tolerance, so it changes the fingerprint (a
+    switch builds a new generation; a run does not resume across it), the same for either
+    backend's FP8; a job without a quantization keeps the fingerprint it had before the key
+    existed (the constants: computed before it), so no index is rebuilt for it."""
+    def fingerprint(name: str, model: dict[str, Any]) -> str:
+        job = load_job(make_job(tmp_path / name, demo_docs(1), model=model))
+        return job.fingerprint("tok")
+
+    sglang = {"backend": "sglang", "path": "/models/qwen3"}
+    assert fingerprint("plain", {}) == "16bc0b236074f24b"
+    assert fingerprint("sglang", sglang) == "f1f3632a1892c810"
+    tf_fp8 = fingerprint("tf_fp8", {"backend": "transformers", "path": "/models/qwen3",
+                                    "quantization": "fp8", "device": "cuda"})
+    sglang_fp8 = fingerprint("sglang_fp8", {**sglang, "sglang": {"quantization": "fp8"}})
+    assert tf_fp8 == sglang_fp8 != fingerprint("sglang_again", sglang)
 
 
 @pytest.mark.parametrize("model, needle", [

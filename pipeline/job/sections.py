@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -178,6 +178,12 @@ class ModelSettings(Strict):
     def max_context(self, info: ModelInfo) -> int:
         """The longest sequence, special tokens included, the backend embeds."""
         return info.max_context
+
+    def vector_settings(self) -> dict[str, Any]:
+        """This backend's settings that move vectors beyond floating-point tolerance (an FP8
+        quantization), for the job's fingerprint; empty when none is set, so a job without
+        them keeps the fingerprint it always had."""
+        return {}
 
     def device_problem(self) -> str | None:
         """An unknown device, or a GPU the machine does not have, said before a model loads.

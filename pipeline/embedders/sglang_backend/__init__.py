@@ -51,6 +51,12 @@ class SGLangBackend(ModelSettings):
     backend: Literal["sglang"] = "sglang"
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)
 
+    def vector_settings(self) -> dict[str, Any]:
+        """An explicit ``sglang.quantization`` (online FP8: the same rounding as the
+        transformers backend's, so the same fingerprint); None: as the checkpoint says."""
+        quantization = self.sglang.quantization
+        return {"quantization": quantization} if quantization else {}
+
     def context_length(self, info: ModelInfo) -> int:
         """The engine's context length: the job's, or the model's."""
         return self.sglang.context_length or info.max_context

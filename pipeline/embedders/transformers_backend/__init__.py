@@ -3,7 +3,7 @@ imported only when a job embeds with it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -54,6 +54,9 @@ class TransformersBackend(ModelSettings):
         None, description="fp8: the packed path's linear layers in FP8 e4m3 (weights per "
         "channel at load, activations per token), on GPUs with FP8 tensor cores (compute "
         "capability 8.9+); null: the model's dtype")
+
+    def vector_settings(self) -> dict[str, Any]:
+        return {"quantization": self.quantization} if self.quantization else {}
 
     @model_validator(mode="after")
     def _fp8_needs_packing(self) -> TransformersBackend:
