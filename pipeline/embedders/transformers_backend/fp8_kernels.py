@@ -210,4 +210,3 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         cos.stride(0), eps, N_Q=n_q, N_KV=n_kv, D=head_dim, HQ=triton.next_power_of_2(n_q),
         HKV=triton.next_power_of_2(n_kv), NORM=norm, num_warps=4)
     return q, k
-
