@@ -14,8 +14,9 @@ bf16 weights; the smoke corpus: 3000 documents, 1,654,541 tokens; sorted 32K-tok
   tf_bf16:startup, tf_bf16:stream   the packed path in bf16 (the product's GPU default)
   tf_fp8:startup, tf_fp8:stream     the same embedder with ``quantization="fp8"``: its linear
                                     layers quantized at load from the same bf16 weights
-  tf_fp8_inductor:stream            fp8 with the activations made by Inductor's fusion of the
-                                    torch reference instead of the kernels (what ran before them)
+  tf_bf16_inductor:stream,          both without the Triton kernels: what they make (the FP8
+  tf_fp8_inductor:stream            activations, the Q/K norm + RoPE) made by Inductor's fusion
+                                    of the torch reference instead (what ran before them)
   tf_fp8:profile                    torch.profiler over the same batches of both paths: GPU time
                                     by kind (attention, GEMMs, the fused kernels that quantize
                                     activations, other fused kernels, copies) and the GPU's idle
@@ -473,16 +474,18 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
     if f8 is not None and want("tf_fp8", 35):
         guarded("tf_fp8:stream", lambda: stream("tf_fp8", f8))
 
-    def inductor() -> None:  # the same weights, activations from Inductor's fusion (recompiles)
-        assert f8 is not None
-        f8._packed.row_kernels = False
+    def inductor(name: str, emb: TransformersEmbedder) -> None:
+        """The same weights with Inductor's fusion of the torch reference instead of the
+        Triton kernels (recompiles)."""
+        emb._packed.kernels = False
         try:
-            stream("tf_fp8_inductor", f8)
+            stream(f"{name}_inductor", emb)
         finally:
-            f8._packed.row_kernels = True
+            emb._packed.kernels = True
 
-    if f8 is not None and f8._packed.row_kernels and want("inductor", 50):
-        guarded("tf_fp8_inductor:stream", inductor)
+    for name, emb in (("tf_bf16", bf16), ("tf_fp8", f8)):
+        if emb is not None and emb._packed.kernels and want("inductor", 50):
+            guarded(f"{name}_inductor:stream", lambda n=name, e=emb: inductor(n, e))
 
     def profile() -> None:
         from torch.profiler import ProfilerActivity

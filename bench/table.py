@@ -48,6 +48,8 @@ def fmt(x: Any, spec: str = ",.0f", suffix: str = "") -> str:
 FP8_ROWS = [
     ("tf_bf16:stream", "transformers backend, packed + compile, bf16"),
     ("tf_fp8:stream", "**transformers backend, packed + compile, `model.quantization: fp8`**"),
+    ("tf_bf16_inductor:stream", "bf16 without the Triton kernels (Inductor's fusion)"),
+    ("tf_fp8_inductor:stream", "fp8 without the Triton kernels (Inductor's fusion)"),
     ("tf_fp8_exact_accum:stream", "same, FP8 without fast accumulation"),
     ("tf_bf16:stream_2", "transformers bf16, again"),
     ("tf_fp8:stream_2", "transformers fp8, again"),

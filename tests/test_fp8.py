@@ -437,20 +437,22 @@ def test_qk_norm_rope_kernel_against_the_reference(n_q: int, n_kv: int, head_dim
 
 @pytest.mark.gpu
 @needs_row_kernels
-def test_fp8_decoder_uses_the_kernels_on_cuda(tiny_qwen3_dir: Path) -> None:
-    """On CUDA the packed FP8 decoder makes its activations with the kernels, compiled too,
-    and its vectors agree with the torch reference's."""
+@pytest.mark.parametrize("quantization", ["fp8", None])
+def test_the_decoder_uses_the_kernels_on_cuda(tiny_qwen3_dir: Path, quantization: str | None
+                                              ) -> None:
+    """On CUDA the packed decoder runs the Triton kernels (FP8: its activations; both: the Q/K
+    norm + RoPE), compiled too, and its vectors agree with the torch reference's."""
     model = AutoModel.from_pretrained(tiny_qwen3_dir, dtype=torch.bfloat16).cuda().eval()
     rng = np.random.default_rng(1)
     p = pack([rng.integers(1, 500, size=n).tolist() for n in (5, 40, 130, 17, 300, 2)])
     args = [torch.from_numpy(a).cuda() for a in (p.ids, p.positions, p.cu_seqlens)]
     out = {}
     for compiled in (False, True):
-        decoder = PackedDecoder(model, "last", compile=compiled, quantization="fp8")
-        assert decoder.row_kernels
+        decoder = PackedDecoder(model, "last", compile=compiled, quantization=quantization)
+        assert decoder.kernels
         with torch.inference_mode():
             out[compiled] = decoder.forward(*args, p.max_seqlen).cpu().numpy()
-            decoder.row_kernels = False
+            decoder.kernels = False
             reference = decoder.forward(*args, p.max_seqlen).cpu().numpy()
         assert cosine(out[compiled], reference).min() >= 0.999
     assert cosine(out[True], out[False]).min() >= 0.999

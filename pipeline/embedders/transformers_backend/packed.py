@@ -205,10 +205,9 @@ class PackedDecoder:
         self.layers = [self._prepare(layer) for layer in model.layers]
         if quantization == "fp8":
             self.layers = [self._fp8(layer, w) for layer, w in zip(model.layers, self.layers)]
-        # FP8 activations from the one-pass Triton kernels where they run (CUDA); a switch so
-        # the bench can measure Inductor's own fusion beside them
-        self.row_kernels = (quantization == "fp8" and next(model.parameters()).is_cuda
-                            and row_kernels_available())
+        # the one-pass Triton kernels where they run (CUDA): the FP8 activations, and the Q/K
+        # norm + RoPE in either dtype; a switch so the bench can measure Inductor's own fusion
+        self.kernels = next(model.parameters()).is_cuda and row_kernels_available()
         self.compiled = compile
         self._eager = (attention_in, attention_out_mlp)
         self._fns = compiled_halves() if compile else self._eager
@@ -277,13 +276,13 @@ class PackedDecoder:
                         mark(t, 0)
             h, q, k, v = fn_in(h, d, cos, sin, w.in_norm, w.qkv_w, w.qkv_b, w.q_norm, w.k_norm,
                                self.n_q, self.n_kv, self.head_dim, self.eps, w.qkv_s,
-                               self.row_kernels)
+                               self.kernels)
             attn = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, True)
             if dynamic:
                 mark(h, 0)
                 mark(attn, 0)
             h, d = fn_out(h, attn, w.o_w, w.o_b, w.post_norm, w.gate_up_w, w.down_w, self.eps,
-                          w.o_s, w.gate_up_s, w.down_s, self.row_kernels)
+                          w.o_s, w.gate_up_s, w.down_s, self.kernels)
         if d is not None:
             h = h + d
         cu = cu_seqlens.to(torch.long)
