@@ -5,7 +5,7 @@ bf16 weights; the smoke corpus: 3000 documents, 1,654,541 tokens; sorted 32K-tok
 ``embed_stream``, the product's ``TransformersEmbedder`` with packing and ``torch.compile``):
 
   kernels:*                         each one-pass Triton kernel that makes an FP8 activation
-                                    (``fp8_kernels``) beside Inductor's fusion of the torch
+                                    (``kernels``) beside Inductor's fusion of the torch
                                     reference, at the model's widths and 16,384 tokens: error
                                     against the float32 truth, time (do_bench), bytes/s
   attention                         the packed path's attention (flash attention 2's varlen
@@ -85,7 +85,7 @@ def kernel_kind(event: dict[str, Any]) -> str:
 
     Inductor names its kernels after the aten ops they fuse (``triton_per_fused_..._amax_...``):
     a kernel with ``amax`` computes a per-token FP8 scale (fused with the RMSNorm, SiLU·up or
-    layout copy that produces the activation), as do ``fp8_kernels``' (``*quantize*``); the
+    layout copy that produces the activation), as do ``kernels``' (``*quantize*``); the
     GEMMs are cuBLASLt's (``nvjet``/``sm90_xmma`` names) or CUTLASS's."""
     name = str(event.get("name", "")).lower()
     if event.get("cat") in ("gpu_memcpy", "gpu_memset"):
@@ -94,7 +94,7 @@ def kernel_kind(event: dict[str, Any]) -> str:
         return "attention"
     if name.startswith("triton_tem"):  # an Inductor GEMM template (max-autotune)
         return "matmul"
-    if "quantize" in name:  # fp8_kernels' one-pass kernels (_silu_mul_quantize_kernel, ...)
+    if "quantize" in name:  # the one-pass kernels (_silu_mul_quantize_kernel, ...)
         return "quantize (fused)"
     if name.startswith("triton"):  # named after the aten ops it fuses, `_scaled_mm` included
         return "quantize (fused)" if "amax" in name else "other fused"
@@ -233,7 +233,7 @@ def main() -> int:
 
 
 def kernel_stages(res: Results, tokens: int = 16384) -> None:
-    """fp8_kernels' one-pass kernels beside Inductor's fusion of the torch reference (compiled
+    """The one-pass kernels (``kernels.py``) beside Inductor's fusion of the torch reference (compiled
     with dynamic shapes, as in the layer), at Qwen3-Embedding-4B's widths."""
     import functools
 
@@ -241,15 +241,15 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from pipeline.embedders.transformers_backend.fp8 import row_kernels_available
     from pipeline.embedders.transformers_backend.layer import (
+        kernels_available,
         norm_rope,
         quantized_activation,
         quantized_norm,
         quantized_silu_mul,
     )
 
-    if not row_kernels_available():  # imports them: their torch.ops.embed_job operators
+    if not kernels_available():  # imports them: their torch.ops.embed_job operators
         raise RuntimeError("the FP8 activation kernels need Triton and a CUDA GPU")
     cfg, eps, dev = QWEN3_EMBEDDING_4B, 1e-6, "cuda"
     hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
@@ -320,7 +320,7 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
     # the warps per program that the kernels' launch rule picks, beside the others
     from triton import next_power_of_2 as triton_block
 
-    from pipeline.embedders.transformers_backend import fp8_kernels as K
+    from pipeline.embedders.transformers_backend import kernels as K
     from pipeline.embedders.transformers_backend.fp8 import _MIN_AMAX, FP8, FP8_MAX
 
     def launch(kernel: Any, src: Any, n: int, warps: int) -> Any:

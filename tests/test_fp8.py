@@ -4,7 +4,7 @@ decoder in FP8 on a tiny Qwen3, and the job lines that refuse it where it cannot
 The GPU runs ``torch._scaled_mm`` on FP8 tensor cores; on this CPU the same operator runs too
 (torch 2.13: it dequantizes and multiplies in float32), so the kernel is tested here as well
 as an emulation of the quantize/dequantize math that does not depend on it. The one-pass
-Triton kernels that make the activations on CUDA (``fp8_kernels``) are checked against the torch
+Triton kernels that make the activations on CUDA (``kernels``) are checked against the torch
 reference by the ``gpu`` tests at the end, where a CUDA GPU with FP8 is (Triton's CPU
 interpreter rounds casts differently from the hardware, so it cannot stand in). Speed, and the
 quality on real weights, are measured on the GPU by ``bench/gpu_fp8.py``.
@@ -32,12 +32,12 @@ from pipeline.embedders.transformers_backend.fp8 import (
     quantize_linears,
     quantize_rows,
     quantize_weight,
-    row_kernels_available,
 )
 from pipeline.embedders.transformers_backend.layer import (
     _rms_norm,
     attention_in,
     attention_out_mlp,
+    kernels_available,
     quantized_activation,
     quantized_norm,
     quantized_silu_mul,
@@ -336,7 +336,7 @@ def _row_kernels_problem() -> str | None:
         return "no CUDA GPU"
     if torch.cuda.get_device_capability(0) < (8, 9):
         return "the GPU has no FP8 (compute capability below 8.9)"
-    if not row_kernels_available():
+    if not kernels_available():
         return "Triton is not installed"
     return None
 

@@ -9,7 +9,7 @@ What is quantized, and how:
   largest value, so no row is clipped and a row of small weights keeps its precision.
 - **Activations**, on the fly, one float32 scale per token (row-wise): ``max|x[t, :]| / 448``.
   On CUDA each FP8 activation comes from one Triton kernel that reads the row once
-  (``fp8_kernels``: the RMSNorm before Q/K/V; the residual add, RMSNorm and quantization
+  (``kernels``: the RMSNorm before Q/K/V; the residual add, RMSNorm and quantization
   before gate/up; SiLU·up before down; the attention output before o_proj). Written as plain
   torch (``quantize_rows``, the reference, and what runs elsewhere), the reduction and the
   cast are fused by Inductor into the kernel producing the activation, but for rows wider than
@@ -92,18 +92,6 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     out = scaled_linear(*quantize_rows(x.reshape(-1, x.shape[-1])), w_fp8, w_scale, bias,
                         x.dtype)
     return out.reshape(*lead, w_fp8.shape[0])
-
-
-def row_kernels_available() -> bool:
-    """Whether the one-pass Triton kernels (``fp8_kernels``) can run here: Triton imports and
-    a CUDA device is present. Importing them registers their ``torch.ops.embed_job`` operators."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from pipeline.embedders.transformers_backend import fp8_kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def fits(weight: torch.Tensor) -> bool:

@@ -8,8 +8,8 @@ dynamic shapes, and every layer reuses that code (compilation takes seconds, not
 
 With FP8 weights (their per-row scales given) every matrix product is an FP8 GEMM
 (``fp8.scaled_linear``) of activations quantized per token: by the one-pass Triton kernels
-(``fp8_kernels``, ``kernels=True``, CUDA; the Q/K norm + RoPE too) or by the torch reference
-(``fp8.quantize_rows``).
+(``kernels``, ``kernels=True``, CUDA) or by the torch reference (``fp8.quantize_rows``). The Q/K
+norm + RoPE has a Triton kernel too, in either dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.embedders.transformers_backend.fp8 import quantize_rows, scaled_linear
+
+
+def kernels_available() -> bool:
+    """Whether the one-pass Triton kernels (``kernels.py``) can run here: a CUDA device is
+    present and Triton imports. Importing them registers their ``torch.ops.embed_job``
+    operators."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from pipeline.embedders.transformers_backend import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,7 +51,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def quantized_norm(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor, eps: float,
                    kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h' = h (+ d, the residual add), and RMSNorm(h') * weight as FP8 rows with their scales:
-    one Triton kernel (``fp8_kernels``) or the torch reference."""
+    one Triton kernel (``kernels``) or the torch reference."""
     if kernels:
         ops = torch.ops.embed_job
         if d is None:
@@ -90,7 +103,7 @@ def norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, n_q: int, n_kv: int,
               head_dim: int, eps: float, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q (T, n_q, D) and k (T, n_kv, D) of the fused Q/K/V rows, RMSNorm'd per head (Qwen3)
-    and rotated (RoPE): one Triton kernel (``fp8_kernels.qk_norm_rope``, for a power-of-two
+    and rotated (RoPE): one Triton kernel (``kernels.qk_norm_rope``, for a power-of-two
     head size) or the torch reference."""
     if kernels and head_dim >= 2 and head_dim & (head_dim - 1) == 0:
         return torch.ops.embed_job.qk_norm_rope(qkv, cos, sin, q_norm, k_norm, n_q, n_kv,

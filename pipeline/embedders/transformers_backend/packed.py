@@ -13,7 +13,7 @@ doubled and the HF model still runs (the padded reference path uses it).
 
 With ``quantization="fp8"`` the same layer functions take FP8 weights and their scales (made
 here, once, from the bf16 weights), and on CUDA their activations come from the one-pass
-Triton kernels of ``fp8_kernels``; see ``pipeline.embedders.transformers_backend.fp8``.
+Triton kernels of ``kernels``; see ``pipeline.embedders.transformers_backend.fp8``.
 
 On CUDA the attention is ``aten._flash_attention_forward`` with ``cu_seqlens`` (what
 ``torch.nn.attention.varlen.varlen_attn`` calls, with a stable signature across torch 2.5 -
@@ -31,15 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.embedders.transformers_backend.fp8 import (
-    fits,
-    quantize_weight,
-    row_kernels_available,
-)
+from pipeline.embedders.transformers_backend.fp8 import fits, quantize_weight
 from pipeline.embedders.transformers_backend.layer import (
     attention_in,
     attention_out_mlp,
     compiled_halves,
+    kernels_available,
 )
 
 # Decoder families whose layer is: RMSNorm -> (q, k, v)[+ per-head q/k RMSNorm] -> RoPE ->
@@ -207,7 +204,7 @@ class PackedDecoder:
             self.layers = [self._fp8(layer, w) for layer, w in zip(model.layers, self.layers)]
         # the one-pass Triton kernels where they run (CUDA): the FP8 activations, and the Q/K
         # norm + RoPE in either dtype; a switch so the bench can measure Inductor's own fusion
-        self.kernels = next(model.parameters()).is_cuda and row_kernels_available()
+        self.kernels = next(model.parameters()).is_cuda and kernels_available()
         self.compiled = compile
         self._eager = (attention_in, attention_out_mlp)
         self._fns = compiled_halves() if compile else self._eager

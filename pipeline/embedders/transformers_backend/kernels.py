@@ -1,6 +1,6 @@
-"""One-pass Triton kernels that produce the FP8 activations of the packed path (CUDA only).
+"""One-pass Triton kernels of the packed path (CUDA only): each reads a token's row once.
 
-Each kernel reads a token's row once, keeps it in registers, and writes the e4m3 row and its
+Four make the FP8 activations: they keep the row in registers and write the e4m3 row and its
 float32 scale (``max|y| / 448``, as ``fp8.quantize_rows``): the reduction and the scaling of
 the same values in one pass. Inductor does this itself for rows of up to 1,024 values (a
 "persistent" reduction); the packed path's rows are wider (2,560 hidden, 4,096 attention
@@ -10,14 +10,14 @@ the maximum, once to scale — and recomputes SiLU·up in each loop. The profile
 
 - ``quantize_rows(x)``: the attention output before o_proj.
 - ``rms_norm_quantize(x, w, eps)``: the RMSNorm before Q/K/V, quantized.
-- ``add_rms_norm_quantize(x, d, w, eps)``: the residual add after o_proj, the RMSNorm before
-  gate/up and its quantization; also returns the sum (the next residual).
+- ``add_rms_norm_quantize(x, d, w, eps)``: a residual add (after o_proj; after the previous
+  layer's down_proj), the RMSNorm after it and its quantization; also returns the sum (the
+  next residual).
 - ``silu_mul_quantize(gate_up)``: SiLU(gate)·up before down_proj, quantized.
 
-And one that makes no FP8 but is the same kind of pass (one read of a row, no Inductor
-reduction loops): ``qk_norm_rope(qkv, ...)``, Qwen3's per-head RMSNorm of Q and K and RoPE,
-from the fused Q/K/V row straight into the attention's q and k (the profile measured the
-compiled version at 1.6 TB/s, plus a copy of v that attention does not need).
+One runs in bf16 and FP8 alike: ``qk_norm_rope(qkv, ...)``, Qwen3's per-head RMSNorm of Q and
+K and RoPE, from the fused Q/K/V row straight into attention's q and k (Inductor's fusion of
+it ran at 1.6 TB/s, and copied v, which attention reads in place).
 
 They are ``torch.library.triton_op`` operators, so ``torch.compile`` keeps them in the layer's
 graph (no graph break) and Inductor fuses what surrounds them. Their math is the torch
@@ -25,7 +25,7 @@ reference's (``layer.py``'s ``quantized_*`` with ``kernels=False``: ``_rms_norm`
 ``fp8.quantize_rows``) except that SiLU·up stays in float32 until it is scaled (the reference
 rounds it to bf16 first); ``tests/test_fp8.py``'s ``gpu`` tests check them against it on a
 CUDA GPU (Triton's CPU interpreter rounds casts unlike the hardware, so it cannot stand in).
-Importing this module needs Triton: ``fp8.row_kernels_available()`` imports it only where it
+Importing this module needs Triton: ``layer.kernels_available()`` imports it only where it
 can run.
 """
 
