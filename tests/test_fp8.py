@@ -348,6 +348,18 @@ needs_row_kernels = pytest.mark.skipif(
            f"the CPU tests above check the torch reference they replace")
 
 
+def test_the_kernels_register_their_operators_where_triton_is() -> None:
+    """Where Triton is installed (any CUDA build of torch; here only if installed by hand) the
+    kernels' module imports and registers every operator the layer calls: a broken import
+    would otherwise surface only on a GPU."""
+    pytest.importorskip("triton")
+    from pipeline.embedders.transformers_backend import kernels  # noqa: F401
+
+    for op in ("quantize_rows", "rms_norm_quantize", "add_rms_norm_quantize",
+               "silu_mul_quantize", "qk_norm_rope"):
+        assert hasattr(torch.ops.embed_job, op), op
+
+
 def _error(q_s: tuple[torch.Tensor, ...], truth: torch.Tensor) -> float:
     """The largest error of the dequantized rows, relative to each row's largest value."""
     q, s = q_s[-2:]
