@@ -11,6 +11,9 @@ bf16 weights; the smoke corpus: 3000 documents, 1,654,541 tokens; sorted 32K-tok
   attention                         the packed path's attention (flash attention 2's varlen
                                     kernel, torch's) beside cuDNN's ragged attention over the
                                     bench plan's batches: time, agreement, first-call cost
+  tf_fp8:memory                     GPU memory of a model of its own: its bf16 weights, then
+                                    after the FP8 decoder is built (the bf16 matrices freed)
+                                    and the peak while building it
   tf_bf16:startup, tf_bf16:stream   the packed path in bf16 (the product's GPU default)
   tf_fp8:startup, tf_fp8:stream     the same embedder with ``quantization="fp8"``: its linear
                                     layers quantized at load from the same bf16 weights
@@ -72,7 +75,7 @@ from common import (  # noqa: E402
 
 T0 = time.monotonic()
 GOAL = 110_000  # tokens/s on one H200 (the issue's)
-STAGES = ("kernels", "attention", "tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "quality",
+STAGES = ("kernels", "attention", "memory", "tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "quality",
           "exact_accum", "repeat", "golden")
 KINDS = ("attention", "matmul", "quantize (fused)", "other fused", "other kernels",
          "memcpy/memset")
@@ -219,6 +222,8 @@ def main() -> int:
         guarded("kernels", lambda: kernel_stages(res))
     if cuda and want("attention", 40):
         guarded("attention", lambda: attention_stage(res, args.docs))
+    if cuda and want("memory", 40):
+        guarded("tf_fp8:memory", lambda: memory_stage(res, work))
     throughput = stages & {"tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "exact_accum",
                            "repeat", "golden"}
     if throughput:
@@ -339,6 +344,37 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
                 gb_per_s={w: round(nbytes / t / 1e6, 1) for w, t in times.items()})
 
 
+def memory_stage(res: Results, work: Path) -> None:
+    """GPU memory of the FP8 decoder on a model of its own (random bf16 weights, the
+    Qwen3-Embedding-4B shape): the bf16 model, then the FP8 decoder built over it (its bf16
+    matrices freed layer by layer) and the peak while building it."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from pipeline.embedders.transformers_backend.packed import PackedDecoder
+
+    def gib(x: int) -> float:
+        return round(x / 2**30, 2)
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    with torch.device("cuda"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(
+            write_model_dir(work / "qwen3-4b-memory", config=dict(QWEN3_EMBEDDING_4B))),
+            dtype=torch.bfloat16).eval()
+    loaded = torch.cuda.memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    decoder = PackedDecoder(model, "last", quantization="fp8")
+    after = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    res.add(stage="tf_fp8:memory", bf16_model_gib=gib(loaded), fp8_decoder_gib=gib(after),
+            peak_while_quantizing_gib=gib(peak), ratio_to_bf16=round(after / loaded, 3),
+            note="allocated by this model alone; the FP8 decoder keeps the FP8 matrices, their "
+                 "scales, the embeddings and norms in bf16, and frees the bf16 matrices")
+    del decoder, model
+    torch.cuda.empty_cache()
+
+
 def attention_stage(res: Results, n_docs: int, every: int = 3) -> None:
     """Attention alone over every ``every``-th batch of the bench plan (the corpus's lengths,
     32K-token batches, Qwen3-Embedding-4B's heads): the product's flash attention (FA2) beside
@@ -441,7 +477,8 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
         res.add(stage=f"{name}:startup", seconds=round(time.monotonic() - t, 1),
                 gpu_allocated_gib=gib(torch.cuda.memory_allocated()) if cuda else None,
                 note="weight fusion (+ FP8 quantization) + torch.compile warm-up (2 calls); "
-                     "the bf16 weights stay beside the FP8 ones")
+                     "the bench's embedders share one model: the bf16 embedder, made first, "
+                     "keeps the bf16 matrices alive that the FP8 one frees (memory stage)")
         return emb
 
     def stream(name: str, emb: TransformersEmbedder, tag: str = "stream") -> float:

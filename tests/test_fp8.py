@@ -185,13 +185,25 @@ def test_fp8_tiny_qwen3_against_float32(tiny_qwen3_dir: Path, pooling: str) -> N
                   pooling, batch)
     model = AutoModel.from_pretrained(tiny_qwen3_dir, dtype=torch.bfloat16).eval()
     bf16 = _packed(model, pooling, batch)
+    earlier = PackedDecoder(model, pooling)  # a bf16 decoder built before the FP8 one
     fp8 = _packed(model, pooling, batch, quantization="fp8")
     assert cosine(fp8, ref).min() >= 0.995
     assert cosine(bf16, ref).min() >= 0.9999
     assert not np.allclose(fp8, bf16)  # it did run in FP8
-    # the bf16 weights stay, so the model (and a bf16 decoder over it) still works ...
-    assert model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
-    np.testing.assert_array_equal(_packed(model, pooling, batch), bf16)
+    # the FP8 decoder freed the model's bf16 matrices: the model's own forward fails loudly,
+    # a new bf16 decoder is refused, one built before keeps its weights and its vectors ...
+    layer = model.layers[0]
+    assert all(m.weight.numel() == 0 for m in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                               layer.mlp.gate_proj, layer.mlp.down_proj))
+    with pytest.raises(RuntimeError):
+        model(torch.tensor([batch[0]]))
+    with pytest.raises(UnsupportedModel, match="load the model again"):
+        PackedDecoder(model, pooling)
+    p = pack(batch)
+    with torch.inference_mode():
+        kept = earlier.forward(torch.from_numpy(p.ids), torch.from_numpy(p.positions),
+                               torch.from_numpy(p.cu_seqlens), p.max_seqlen).numpy()
+    np.testing.assert_array_equal(kept, bf16)
     # ... and a second FP8 decoder reuses the quantized weights
     first = PackedDecoder(model, pooling, quantization="fp8").layers[0]
     again = PackedDecoder(model, pooling, quantization="fp8").layers[0]

@@ -12,8 +12,9 @@ weight is one tensor and the HF ``nn.Linear`` weights become views into it, so m
 doubled and the HF model still runs (the padded reference path uses it).
 
 With ``quantization="fp8"`` the same layer functions take FP8 weights and their scales (made
-here, once, from the bf16 weights), and on CUDA their activations come from the one-pass
-Triton kernels of ``kernels``; see ``pipeline.embedders.transformers_backend.fp8``.
+here, once, from the bf16 weights, which are then freed: the model's own forward no longer
+runs), and on CUDA their activations come from the one-pass Triton kernels of ``kernels``;
+see ``pipeline.embedders.transformers_backend.fp8``.
 
 On CUDA the attention is ``aten._flash_attention_forward`` with ``cu_seqlens`` (what
 ``torch.nn.attention.varlen.varlen_attn`` calls, with a stable signature across torch 2.5 -
@@ -26,6 +27,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,6 +170,18 @@ def _fuse(linears: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
     return fused
 
 
+def _release(layer: torch.nn.Module) -> None:
+    """Free a layer's bf16 matrices once its FP8 copies exist: the module's seven linear
+    weights become empty, so the model's own forward fails loudly if called (an FP8 embedder
+    never calls it: FP8 runs in the packed path only). A decoder built on this model before
+    keeps its own references, so its weights stay alive and it keeps working."""
+    attn, mlp = layer.self_attn, layer.mlp
+    layer._embed_job_fused = None
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+              mlp.down_proj):
+        m.weight = torch.nn.Parameter(m.weight.new_empty(0), requires_grad=False)
+
+
 class PackedDecoder:
     """Runs a Hugging Face decoder model (``AutoModel``: embed_tokens, layers, norm,
     rotary_emb) over packed sequences and pools one vector per sequence."""
@@ -199,9 +213,8 @@ class PackedDecoder:
         self.eps = float(config.rms_norm_eps)
         self.scale = float(getattr(first, "scaling", self.head_dim ** -0.5))
         self.quantization = quantization
-        self.layers = [self._prepare(layer) for layer in model.layers]
-        if quantization == "fp8":
-            self.layers = [self._fp8(layer, w) for layer, w in zip(model.layers, self.layers)]
+        self.layers = [self._fp8(layer) if quantization == "fp8" else self._prepare(layer)
+                       for layer in model.layers]
         # the one-pass Triton kernels where they run (CUDA): the FP8 activations, and the Q/K
         # norm + RoPE in either dtype; a switch so the bench can measure Inductor's own fusion
         self.kernels = next(model.parameters()).is_cuda and kernels_available()
@@ -210,8 +223,22 @@ class PackedDecoder:
         self._fns = compiled_halves() if compile else self._eager
 
     @staticmethod
+    def _kept(layer: torch.nn.Module) -> dict[str, Any]:
+        """What both dtypes read from the module as it is: the norms and o_proj's bias."""
+        attn = layer.self_attn
+        q_norm = getattr(attn, "q_norm", None)
+        k_norm = getattr(attn, "k_norm", None)
+        return {"in_norm": layer.input_layernorm.weight,
+                "q_norm": q_norm.weight if q_norm is not None else None,
+                "k_norm": k_norm.weight if k_norm is not None else None,
+                "o_b": attn.o_proj.bias, "post_norm": layer.post_attention_layernorm.weight}
+
+    @staticmethod
     def _prepare(layer: torch.nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
+        if getattr(layer, "_embed_job_fp8", None) is not None:
+            raise UnsupportedModel("this model's matrices went to an FP8 decoder, which freed "
+                                   "their bf16 weights: load the model again for bf16")
         cached = getattr(layer, "_embed_job_fused", None)
         if cached is None:
             with torch.no_grad():
@@ -223,34 +250,30 @@ class PackedDecoder:
             cached = (qkv_w, qkv_b, gate_up_w)
             layer._embed_job_fused = cached  # idempotent: a second embedder reuses the fusion
         qkv_w, qkv_b, gate_up_w = cached
-        q_norm = getattr(attn, "q_norm", None)
-        k_norm = getattr(attn, "k_norm", None)
-        return _Layer(
-            in_norm=layer.input_layernorm.weight, qkv_w=qkv_w, qkv_b=qkv_b,
-            q_norm=q_norm.weight if q_norm is not None else None,
-            k_norm=k_norm.weight if k_norm is not None else None,
-            o_w=attn.o_proj.weight, o_b=attn.o_proj.bias,
-            post_norm=layer.post_attention_layernorm.weight,
-            gate_up_w=gate_up_w, down_w=mlp.down_proj.weight)
+        return _Layer(qkv_w=qkv_w, qkv_b=qkv_b, o_w=attn.o_proj.weight, gate_up_w=gate_up_w,
+                      down_w=mlp.down_proj.weight, **PackedDecoder._kept(layer))
 
     @staticmethod
-    def _fp8(layer: torch.nn.Module, w: _Layer) -> _Layer:
+    def _fp8(layer: torch.nn.Module) -> _Layer:
         """The layer's four matrices in FP8 with per-row scales, quantized once from the bf16
-        weights (cached on the layer, like the fusion; the bf16 weights stay, for the model)."""
+        weights and cached on the layer; then the bf16 matrices are freed (``_release``), one
+        layer at a time, so loading peaks at the bf16 model plus one layer's FP8 copy and
+        runs in about half the bf16 model's weight memory."""
         cached = getattr(layer, "_embed_job_fp8", None)
         if cached is None:
+            w = PackedDecoder._prepare(layer)
             mats = (w.qkv_w, w.o_w, w.gate_up_w, w.down_w)
             bad = [tuple(m.shape) for m in mats if not fits(m)]
             if bad:
                 raise UnsupportedModel(f"fp8 needs weight dimensions that are multiples of 16, "
                                        f"not {bad[0]}")
             with torch.no_grad():
-                cached = tuple(quantize_weight(m) for m in mats)
+                cached = (tuple(quantize_weight(m) for m in mats), w.qkv_b)
             layer._embed_job_fp8 = cached
-        (qkv, qkv_s), (o, o_s), (gu, gu_s), (down, down_s) = cached
-        return _Layer(in_norm=w.in_norm, qkv_w=qkv, qkv_b=w.qkv_b, q_norm=w.q_norm,
-                      k_norm=w.k_norm, o_w=o, o_b=w.o_b, post_norm=w.post_norm, gate_up_w=gu,
-                      down_w=down, qkv_s=qkv_s, o_s=o_s, gate_up_s=gu_s, down_s=down_s)
+            _release(layer)
+        ((qkv, qkv_s), (o, o_s), (gu, gu_s), (down, down_s)), qkv_b = cached
+        return _Layer(qkv_w=qkv, qkv_b=qkv_b, o_w=o, gate_up_w=gu, down_w=down, qkv_s=qkv_s,
+                      o_s=o_s, gate_up_s=gu_s, down_s=down_s, **PackedDecoder._kept(layer))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
