@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from helpers.sinks import DIM, make_batch, milvus_query, milvus_search
 from milvus_server import OK_LINE, run_scenario, run_script_in_namespace, wait_healthy
+from pymilvus import MilvusException
 
 from pipeline.errors import SinkError, TransientError
 from pipeline.sinks.fields import truncate_utf8
 from pipeline.sinks.milvus import IndexConfig, MilvusSinkConfig
+from pipeline.sinks.milvus import client as milvus_client
 from pipeline.sinks.milvus.sink import MilvusSink
 
 
@@ -255,3 +257,35 @@ def test_a_lite_index_file_cut_short_by_a_kill_is_rebuilt(db: Path) -> None:
     assert again.returncode == 0 and "rows 30" in again.stdout, again.stderr
     assert "rebuilding the index of collection 'chunks'" in again.stderr
     assert all(p.stat().st_size > 10 for p in index_files)  # rebuilt
+
+
+@pytest.mark.parametrize("code, opens", [(2, 2), (1, 1)])
+def test_a_lite_server_that_cannot_be_reached_is_tried_again(
+        db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: int,
+        opens: int) -> None:
+    """pymilvus rebuilds its shared connection to a Lite server that sat idle for 30 s at the
+    next open, and that rebuild was seen to fail once on a loaded host; a failed connect
+    (code 2) is tried again, another failure is not. The failure is injected at pymilvus's
+    constructor: it cannot be produced on demand."""
+    real = milvus_client.MilvusClient
+    calls: list[str] = []
+
+    def first_fails(*args: object, **kwargs: object) -> object:
+        calls.append(str(args[0]))
+        if len(calls) == 1:
+            raise MilvusException(code=code, message="Fail connecting to server on "
+                                  "127.0.0.1:39443, illegal connection params or server "
+                                  "unavailable" if code == 2 else "unexpected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(milvus_client, "LITE_OPEN_DELAY_S", 0.01)
+    monkeypatch.setattr(milvus_client, "MilvusClient", first_fails)
+    connection = milvus_client.MilvusConnection(db, "chunks")
+    if opens == 1:
+        with pytest.raises(SinkError, match="cannot open the Lite db: unexpected"):
+            connection.connect()
+    else:
+        assert connection.connect().list_collections() == []
+        assert "opening the Lite db failed" in caplog.text
+        connection.close()
+    assert calls == [str(db)] * opens

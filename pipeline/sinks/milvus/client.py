@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,11 @@ from pipeline.secrets import mask_uri
 from pipeline.sinks.milvus import IndexConfig, TLSConfig, is_server_uri
 
 T = TypeVar("T")
+
+# Opening a Lite db: tries when its local server cannot be reached, and the first wait.
+LITE_OPEN_TRIES = 3
+LITE_OPEN_DELAY_S = 1.0
+_log = logging.getLogger(__name__)
 
 # What Milvus Lite 3.2 really builds; others are accepted, reported "Finished", never built.
 LITE_INDEX_TYPES = ("AUTOINDEX", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "FLAT", "BRUTE_FORCE")
@@ -134,7 +140,7 @@ class MilvusConnection:
                 raise
             for path in derived:
                 path.unlink()
-            logging.getLogger(__name__).warning(
+            _log.warning(
                 "%s: rebuilding the index of collection %r (its index files did not load: %s)",
                 self.uri, name, str(e).rsplit(": ", 1)[-1])
             self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
@@ -152,7 +158,12 @@ class MilvusConnection:
                             f"one of {', '.join(LITE_INDEX_TYPES)}")
 
     def _open_lite(self) -> MilvusClient:
-        """Open the Lite db; the real cause of a failure is only logged by milvus-lite."""
+        """Open the Lite db; the real cause of a failure is only logged by milvus-lite.
+
+        A failed connect to Lite's local server is tried again (``LITE_OPEN_TRIES``): pymilvus
+        3.0 keeps one connection per server in a process and, when it sat idle for 30 s, checks
+        and rebuilds it at the next open; that rebuild was seen to fail once on a loaded host
+        ("Fail connecting to server", the server's GOAWAY "too_many_pings" before it)."""
         path = Path(self.uri)
         if path.exists() and not path.is_dir():
             raise SinkError(f"milvus {self.uri}: exists and is not a Milvus Lite db (a Lite db "
@@ -165,17 +176,23 @@ class MilvusConnection:
             why = f"{file} is a file" if file else e.strerror or _one_line(e)
             raise SinkError(f"milvus {self.uri}: cannot create the Lite db's directory "
                             f"{path.parent}: {why}") from None
-        with _logged_exceptions("milvus_lite.server_manager") as causes:
-            try:
-                return MilvusClient(str(path))
-            except MilvusException as e:
-                causes.append(e)
-        cause = causes[0]
-        if type(cause).__name__ == "DataDirLockedError":
-            raise SinkError(
-                f"milvus {self.uri}: the Lite db is in use by another process; stop it, or serve "
-                f"the db with `milvus-lite server --data-dir {path} --host 127.0.0.1 --port 19530`"
-                " and set sink.uri to http://127.0.0.1:19530") from cause
+        for attempt in range(1, LITE_OPEN_TRIES + 1):
+            with _logged_exceptions("milvus_lite.server_manager") as causes:
+                try:
+                    return MilvusClient(str(path))
+                except MilvusException as e:
+                    causes.append(e)
+            cause = causes[0]
+            if type(cause).__name__ == "DataDirLockedError":
+                raise SinkError(
+                    f"milvus {self.uri}: the Lite db is in use by another process; stop it, or "
+                    f"serve the db with `milvus-lite server --data-dir {path} --host 127.0.0.1 "
+                    "--port 19530` and set sink.uri to http://127.0.0.1:19530") from cause
+            if attempt == LITE_OPEN_TRIES or not _is_transient(cause):
+                break
+            _log.warning("milvus %s: opening the Lite db failed (%s); trying again", self.uri,
+                         _one_line(cause))
+            time.sleep(LITE_OPEN_DELAY_S * attempt)
         raise SinkError(
             f"milvus {self.uri}: cannot open the Lite db: {_one_line(cause)}") from cause
 
