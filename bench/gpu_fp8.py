@@ -75,12 +75,19 @@ from common import (  # noqa: E402
 
 T0 = time.monotonic()
 GOAL = 110_000  # tokens/s on one H200 (the issue's)
-STAGES = ("kernels", "attention", "memory", "tf_bf16", "tf_fp8", "inductor", "profile", "pipeline", "quality",
-          "exact_accum", "repeat", "golden")
+STAGES = ("kernels", "attention", "memory", "tf_bf16", "tf_fp8", "inductor", "profile",
+          "pipeline", "quality", "exact_accum", "repeat", "golden")
+# Qwen3-Embedding-4B's attention heads: query heads, key/value heads, head size
+HEADS = tuple(int(QWEN3_EMBEDDING_4B[k]) for k in ("num_attention_heads", "num_key_value_heads",
+                                                   "head_dim"))
 KINDS = ("attention", "matmul", "quantize (fused)", "other fused", "other kernels",
          "memcpy/memset")
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm89_", "sm100_", "f8f8", "scaled_mm",
               "cublas", "wgmma")
+
+
+def gib(x: int) -> float:
+    return round(x / 2**30, 2)
 
 
 def kernel_kind(event: dict[str, Any]) -> str:
@@ -238,8 +245,8 @@ def main() -> int:
 
 
 def kernel_stages(res: Results, tokens: int = 16384) -> None:
-    """The one-pass kernels (``kernels.py``) beside Inductor's fusion of the torch reference (compiled
-    with dynamic shapes, as in the layer), at Qwen3-Embedding-4B's widths."""
+    """The one-pass kernels (``kernels.py``) beside Inductor's fusion of the torch reference
+    (compiled with dynamic shapes, as in the layer), at Qwen3-Embedding-4B's widths."""
     import functools
 
     import torch
@@ -258,7 +265,7 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
         raise RuntimeError("the FP8 activation kernels need Triton and a CUDA GPU")
     cfg, eps, dev = QWEN3_EMBEDDING_4B, 1e-6, "cuda"
     hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-    attn_width = int(cfg["num_attention_heads"]) * int(cfg["head_dim"])
+    attn_width = HEADS[0] * HEADS[2]
     torch.manual_seed(0)
     x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
     d = torch.randn_like(x)
@@ -302,8 +309,7 @@ def kernel_stages(res: Results, tokens: int = 16384) -> None:
                      "bytes: the kernel's reads and writes once")
 
     # the Q/K norm + RoPE kernel (no FP8) beside Inductor's fusion of the reference
-    n_q, n_kv, hd = (int(cfg[k]) for k in ("num_attention_heads", "num_key_value_heads",
-                                           "head_dim"))
+    n_q, n_kv, hd = HEADS
     qkv = torch.randn(tokens, (n_q + 2 * n_kv) * hd, device=dev, dtype=torch.bfloat16)
     cos, sin = (f(torch.rand(tokens, hd, device=dev) * 6).to(torch.bfloat16)
                 for f in (torch.cos, torch.sin))
@@ -353,9 +359,6 @@ def memory_stage(res: Results, work: Path) -> None:
 
     from pipeline.embedders.transformers_backend.packed import PackedDecoder
 
-    def gib(x: int) -> float:
-        return round(x / 2**30, 2)
-
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     with torch.device("cuda"):
@@ -386,9 +389,8 @@ def attention_stage(res: Results, n_docs: int, every: int = 3) -> None:
     from pipeline.embedders.transformers_backend.packed import varlen_attention
     from pipeline.plan.batching import pack_batches
 
-    cfg, dev = QWEN3_EMBEDDING_4B, "cuda"
-    n_q, n_kv, hd = (int(cfg[k]) for k in ("num_attention_heads", "num_key_value_heads",
-                                           "head_dim"))
+    dev = "cuda"
+    n_q, n_kv, hd = HEADS
     lengths = np.sort([len(d) for d in make_docs(n_docs)])
     bounds = pack_batches(lengths, 32768, 256)[::every]
     scale = hd ** -0.5
@@ -462,9 +464,6 @@ def throughput_stages(args: Any, res: Results, device: Any, want: Any, guarded: 
     log(f"corpus: {len(docs)} docs, {n_tokens} tokens, {len(plan)} batches; "
         f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters on {device}")
     rates: dict[str, float] = {}
-
-    def gib(x: int) -> float:
-        return round(x / 2**30, 2)
 
     def start(name: str, quantization: str | None) -> TransformersEmbedder:
         if cuda:

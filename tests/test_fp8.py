@@ -239,7 +239,8 @@ def test_activation_quantization_is_traced_into_the_layer_graph() -> None:
     fn = torch.compile(attention_out_mlp, backend=capture, fullgraph=True, dynamic=True)
     h, d = fn(torch.randn(37, 64), torch.randn(37, 4, 16), o, None, torch.ones(64), gu, down,
               1e-6, o_s, gu_s, down_s)
-    assert d is not None and h.shape == d.shape == (37, 64) and len(graphs) == 1  # d: the next norm adds it
+    # d: down_proj's output, which the next layer's norm adds
+    assert d is not None and h.shape == d.shape == (37, 64) and len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op in ("call_function",
                                                                        "call_method")]
     assert sum("_scaled_mm" in t for t in targets) == 3
@@ -433,11 +434,8 @@ def test_qk_norm_rope_kernel_against_the_reference(n_q: int, n_kv: int, head_dim
               for _ in range(2))
     ones = torch.ones(64, device=dev, dtype=bf16)
 
-    def halves(dtype: torch.dtype, kernels: bool) -> tuple[torch.Tensor, ...]:
-        def cast(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(dtype)
-        return attention_in(h.to(dtype), None, cos.to(dtype), sin.to(dtype), ones.to(dtype),
-                            w.to(dtype), None, cast(qn), cast(kn), n_q, n_kv, head_dim, eps,
+    def halves(kernels: bool) -> tuple[torch.Tensor, ...]:
+        return attention_in(h, None, cos, sin, ones, w, None, qn, kn, n_q, n_kv, head_dim, eps,
                             kernels=kernels)[1:]
 
     # the truth: the bf16 path's own Q/K/V product, then per-head norm and RoPE in float32
@@ -451,7 +449,7 @@ def test_qk_norm_rope_kernel_against_the_reference(n_q: int, n_kv: int, head_dim
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         truth.append(x * cos.float()[:, None] + rotated * sin.float()[:, None])
     truth.append(v.reshape(t, n_kv, head_dim))
-    kernel, reference = halves(bf16, True), halves(bf16, False)
+    kernel, reference = halves(True), halves(False)
     for name, k_out, r_out, true in zip("qkv", kernel, reference, truth):
         assert k_out.shape == r_out.shape and k_out.dtype == bf16, name
         k_err, r_err = ((x.float() - true).abs().max().item() for x in (k_out, r_out))

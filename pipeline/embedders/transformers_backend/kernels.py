@@ -110,7 +110,7 @@ def _norm_rope(src, w_ptr, dst, c, s, eps, N: tl.constexpr, H: tl.constexpr, D: 
     heads = tl.arange(0, H)[:, None]
     d = tl.arange(0, D)[None, :]
     partner = (d + D // 2) % D
-    mask = (heads < N) & (d < D)
+    mask = (heads < N) & (d < D)  # d < D: always true, makes the mask the tile's shape
     x = tl.load(src + heads * D + d, mask=mask, other=0.0)
     xp = tl.load(src + heads * D + partner, mask=mask, other=0.0).to(tl.float32)
     y = x.to(tl.float32)
@@ -200,7 +200,7 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, (n_q + 2 n_kv) * D) fused Q/K/V rows and (T, D) cos/sin -> q (T, n_q, D) and
     k (T, n_kv, D), RMSNorm'd per head (when the norms are given) and rotated; one pass. D must
-    be a power of two (``layer.attention_in`` checks)."""
+    be a power of two (``layer.norm_rope`` checks)."""
     t = qkv.shape[0]
     q = torch.empty((t, n_q, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((t, n_kv, head_dim), dtype=qkv.dtype, device=qkv.device)
