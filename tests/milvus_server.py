@@ -196,6 +196,13 @@ def serve_in_namespace(scenario: Callable[[str, Path], None], ok_line: str) -> i
 @contextmanager
 def lite_server(data_dir: Path) -> Iterator[str]:
     """A plain ``milvus-lite server`` on a free localhost port; yields its http:// URI."""
+    with lite_server_process(data_dir) as (uri, _):
+        yield uri
+
+
+@contextmanager
+def lite_server_process(data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``lite_server``'s URI and its process (to stop or signal it)."""
     import socket
 
     with socket.socket() as s:
@@ -207,8 +214,9 @@ def lite_server(data_dir: Path) -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", timeout=30)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
+        proc.send_signal(signal.SIGCONT)  # a stopped server cannot act on SIGTERM
         proc.terminate()
         proc.wait(timeout=15)
 

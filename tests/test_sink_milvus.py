@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.sinks import DIM, make_batch, milvus_query, milvus_search
-from milvus_server import OK_LINE, run_scenario, run_script_in_namespace, wait_healthy
+from milvus_server import (
+    OK_LINE,
+    lite_server_process,
+    run_scenario,
+    run_script_in_namespace,
+    wait_healthy,
+)
 from pymilvus import MilvusException
 
 from pipeline.errors import SinkError, TransientError
@@ -211,6 +220,27 @@ def test_unreachable_server_is_transient() -> None:
     sink = MilvusSink(f"http://127.0.0.1:{free_port()}", "chunks")
     with pytest.raises(TransientError, match="connect"):
         sink.on_write_start(DIM)
+
+
+def test_a_server_that_stops_answering_fails_each_call_in_time(tmp_path: Path) -> None:
+    """pymilvus waits forever unless a call has a deadline; every call the sink makes gets the
+    connection's, so a server that stops answering (here: stopped by SIGSTOP) gives each call
+    a TransientError the runner retries, never a hang."""
+    with lite_server_process(tmp_path / "served") as (uri, server):
+        sink = MilvusSink(uri, "chunks", timeout=2.0)
+        sink.on_write_start(DIM)
+        sink.write(make_batch("b0", 0, 10))
+        os.kill(server.pid, signal.SIGSTOP)
+        calls = {"has_collection": lambda: sink.on_write_start(DIM), "flush": sink.on_write_complete,
+                 "upsert": lambda: sink.write(make_batch("b1", 10, 5)), "count": sink.count}
+        for name, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(TransientError, match="(?i)deadline|timed out|timeout"):
+                call()
+            assert time.monotonic() - started < 20, f"{name} was not bounded by the deadline"
+        os.kill(server.pid, signal.SIGCONT)
+        assert sink.count() == 10  # the server answers again: nothing was lost
+        sink.close()
 
 
 @pytest.mark.server

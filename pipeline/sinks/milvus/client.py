@@ -110,7 +110,13 @@ class MilvusConnection:
             shutil.rmtree(leftover)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one pymilvus call; its failure becomes a TransientError or a one-line SinkError."""
+        """Run one pymilvus call; its failure becomes a TransientError or a one-line SinkError.
+
+        A client method gets the connection's deadline unless given one: pymilvus waits
+        forever by default, so a server (or Lite's in-process one) that stops answering would
+        hang the run instead of failing it resumably."""
+        if isinstance(getattr(fn, "__self__", None), MilvusClient):
+            kwargs.setdefault("timeout", self.timeout)
         try:
             return fn(*args, **kwargs)
         except (MilvusException, grpc.RpcError) as e:
@@ -130,7 +136,7 @@ class MilvusConnection:
         once more without that collection's index files, which Lite then rebuilds."""
         client = self.connect()
         try:
-            self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+            self._call(f"load of {name!r}", client.load_collection, name)
         except SinkError as e:
             if is_server_uri(self.uri):
                 raise
@@ -143,7 +149,7 @@ class MilvusConnection:
             _log.warning(
                 "%s: rebuilding the index of collection %r (its index files did not load: %s)",
                 self.uri, name, str(e).rsplit(": ", 1)[-1])
-            self._call(f"load of {name!r}", client.load_collection, name, timeout=self.timeout)
+            self._call(f"load of {name!r}", client.load_collection, name)
 
     def _check_lite_target(self) -> None:
         if not self.uri.endswith(".db"):

@@ -49,8 +49,7 @@ def create(conn: MilvusConnection, dimension: int, store_text: bool,
         schema.add_field(name, dtype, **kwargs)
     properties = {MARK_PROPERTY: mark.to_json()} if mark is not None else None
     conn._call("create collection", client.create_collection, conn.collection,
-               schema=schema, index_params=_index_params(conn, client), timeout=conn.timeout,
-               properties=properties)
+               schema=schema, index_params=_index_params(conn, client), properties=properties)
 
 
 def check_existing(conn: MilvusConnection, dimension: int, store_text: bool) -> None:
@@ -93,7 +92,7 @@ def _check_index(conn: MilvusConnection, client: MilvusClient) -> None:
                        field_name="vector")
     if not names:
         conn._call("create index", client.create_index, conn.collection,
-                   _index_params(conn, client), timeout=conn.timeout)
+                   _index_params(conn, client))
         return
     desc = conn._call("describe index", client.describe_index, conn.collection, names[0])
     metric = str(desc.get("metric_type", conn.index.metric)).upper()

@@ -73,8 +73,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         if len(batch):
             rows = self._rows(batch)
             client = self._ready()
-            self._call(f"upsert of batch {batch.batch_id}", client.upsert, self.collection, rows,
-                       timeout=self.timeout)
+            self._call(f"upsert of batch {batch.batch_id}", client.upsert, self.collection, rows)
         return [batch.batch_id]
 
     def on_write_complete(self) -> list[str]:
@@ -165,7 +164,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         self.load(name)
         it = self._call(what, client.query_iterator, name, batch_size=5000, filter="",
                         output_fields=["doc_id", "chunk_index", "doc_hash"],
-                        consistency_level="Strong", timeout=self.timeout)
+                        consistency_level="Strong")
         try:
             while rows := self._call(what, it.next):
                 for row in rows:
@@ -188,7 +187,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         what = f"query of {name!r}"
         it = self._call(what, client.query_iterator, name, batch_size=2000, filter="",
                         output_fields=["pk", "doc_id", "chunk_index", "doc_hash", "vector"],
-                        consistency_level="Strong", timeout=self.timeout)
+                        consistency_level="Strong")
         try:
             while rows := self._call(what, it.next):
                 yield ScannedRows([r["pk"] for r in rows], [r["doc_id"] for r in rows],
@@ -208,7 +207,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         fields = ["doc_id", "chunk_index"] + (["text"] if self.store_text else [])
         res = self._call("search", client.search, name, data=vectors.tolist(), limit=k,
                          output_fields=fields, search_params=params,
-                         consistency_level="Strong", timeout=self.timeout)
+                         consistency_level="Strong")
         sign = -1.0 if self.index.metric == "L2" else 1.0  # a distance: nearer is smaller
         return [[Hit(h["entity"]["doc_id"], int(h["entity"]["chunk_index"]),
                      sign * float(h["distance"]), h["entity"].get("text")) for h in hits]
@@ -245,8 +244,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
     def _count(self, filter: str) -> int:
         client = self._ready()
         res = self._call("count", client.query, self.collection, filter=filter,
-                         output_fields=["count(*)"], consistency_level="Strong",
-                         timeout=self.timeout)
+                         output_fields=["count(*)"], consistency_level="Strong")
         return int(res[0]["count(*)"])
 
     def _delete(self, doc_ids: list[str], condition: str = "") -> None:
@@ -255,8 +253,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
         for start in range(0, len(doc_ids), _DELETE_CHUNK):
             literal = json.dumps(doc_ids[start:start + _DELETE_CHUNK], ensure_ascii=False)
             self._call("delete", client.delete, self.collection,
-                       filter=f"doc_id in {literal}{condition}", consistency_level="Strong",
-                       timeout=self.timeout)
+                       filter=f"doc_id in {literal}{condition}", consistency_level="Strong")
 
     def _rows(self, batch: VectorBatch) -> list[dict[str, Any]]:
         values = columns(batch, self.dimension or 0, self.store_text,
