@@ -185,7 +185,7 @@ class MilvusConnection:
         for attempt in range(1, LITE_OPEN_TRIES + 1):
             with _logged_exceptions("milvus_lite.server_manager") as causes:
                 try:
-                    return MilvusClient(str(path))
+                    return MilvusClient(str(path), timeout=self.timeout)
                 except MilvusException as e:
                     causes.append(e)
             cause = causes[0]
