@@ -72,19 +72,34 @@ def redacted_logging(secrets: Iterable[str]) -> Iterator[None]:
         logging.setLogRecordFactory(previous)
 
 
+_CLIENT_LOGGERS = ("pymilvus", "milvus_lite")
+_quiet = 0  # how many quiet_client_logs blocks are open
+
+
 @contextmanager
 def quiet_client_logs() -> Iterator[None]:
     """pymilvus and milvus-lite log whole tracebacks of failed calls on stderr; the product
-    turns each failure into its own one-line message, so their records are dropped."""
-    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
+    turns each failure into its own one-line message, so their records are dropped. pymilvus
+    sets its loggers' levels when first imported, which a run does inside this block: the
+    product's Milvus client calls ``client_logs_configured`` after that import."""
+    global _quiet
+    loggers = [logging.getLogger(name) for name in _CLIENT_LOGGERS]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
+    _quiet += 1
+    client_logs_configured()
     try:
         yield
     finally:
+        _quiet -= 1
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def client_logs_configured() -> None:
+    """Quiet the client libraries' loggers again where a ``quiet_client_logs`` block is open."""
+    if _quiet:
+        for name in _CLIENT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def without_userinfo(uri: str) -> str:

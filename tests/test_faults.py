@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import dead_letters, run, start, wait_for_first_ack
-from helpers.jobs import SMALL_DOCS, SMALL_PARQUET, make_job, small_job, state_dir
+from helpers.jobs import SMALL, SMALL_DOCS, SMALL_PARQUET, make_job, small_job, state_dir
 from helpers.rows import assert_same_store, stored_rows
+from milvus_server import lite_server_process
 from reliability import record
 
 from pipeline.state.lock import JobLock
@@ -197,6 +198,34 @@ def test_sigterm_finishes_in_flight_work_and_resumes(tmp_path: Path, reference) 
     record("signals", "SIGTERM mid-run",
            "in-flight batches written and checkpointed; exit 143; a re-run completes",
            f"exit {stopped.exit_code}; re-run exit 0; store equals the fault-free run")
+
+
+def test_a_server_that_stops_answering_mid_run_stops_it_resumably(tmp_path: Path, reference
+                                                                   ) -> None:
+    """A Milvus server that stops answering after the first writes (SIGSTOP: a frozen host):
+    each call gives up after sink.timeout_s and is retried; when the retries are spent the run
+    stops with one line. A write the run gave up on may still land once the server wakes, so
+    the re-run must write each batch again without a duplicate."""
+    with lite_server_process(tmp_path / "served") as (uri, server):
+        job = small_job(tmp_path, sink={**SMALL["sink"], "uri": uri, "timeout_s": 1,
+                                        "retries": 2})
+        running = start(job, env={"EMBED_JOB_MEMORY_LIMIT_TOKENS": "100000"})
+        wait_for_first_ack(running)
+        os.kill(server.pid, signal.SIGSTOP)
+        stopped = running.finish(timeout=120)
+        os.kill(server.pid, signal.SIGCONT)
+        if stopped.exit_code == 0:
+            pytest.skip("the run finished before the server was stopped")
+        assert stopped.exit_code == 6, stopped.stderr
+        lines = stopped.stderr.strip().splitlines()
+        assert len(lines) == 1 and "DEADLINE_EXCEEDED" in lines[0], stopped.stderr
+        assert "checkpointed" in lines[0]
+        assert run(job, process=True).exit_code == 0
+        assert_same_store(stored_rows(job), reference["milvus"])  # each key once
+    record("sink", "the Milvus server stops answering mid-run (SIGSTOP)",
+           "each call gives up after sink.timeout_s; exit 6, one line, once the retries are "
+           "spent; a re-run completes", f"exit {stopped.exit_code}: {lines[0][-90:]}; re-run "
+           "exit 0, store equals the fault-free run")
 
 
 def test_too_many_dead_letters_abort_with_a_clear_message(tmp_path: Path) -> None:

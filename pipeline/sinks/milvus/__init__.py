@@ -35,8 +35,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_MAX = 255
 _GENERATION_SEPARATOR = "__"
 _GENERATION_SUFFIX = len(_GENERATION_SEPARATOR) + 16  # and the fingerprint's 16 hex digits
-# validate waits this long for a server, not a run's 60 s per call: a firewalled host
-# should not hold up a check
+# validate waits this long for a server, not a run's sink.timeout_s per call: a firewalled
+# host should not hold up a check
 _PROBE_TIMEOUT_S = 10.0
 
 
@@ -97,6 +97,9 @@ class MilvusSinkConfig(SinkSettings):
         None, description="TLS to the server; default: on for https:// URIs and when tls is set")
     tls: TLSConfig | None = None
     index: IndexConfig = Field(default_factory=IndexConfig)
+    timeout_s: float = Field(
+        60.0, gt=0, description="the longest one call to Milvus may take (pymilvus's own retries "
+        "included) before it counts as a transient failure and is tried again")
 
     @model_validator(mode="after")
     def _target(self) -> MilvusSinkConfig:
@@ -232,7 +235,7 @@ class MilvusSinkConfig(SinkSettings):
     def probe(self, resolve: Callable[[str], Path], alias: str) -> MilvusSink:
         sink = self.make(resolve, alias, alias)
         if self.remote:
-            sink.timeout = _PROBE_TIMEOUT_S
+            sink.timeout = min(_PROBE_TIMEOUT_S, self.timeout_s)
         return sink
 
     def _name_problem(self, alias: str) -> str:
@@ -251,7 +254,7 @@ class MilvusSinkConfig(SinkSettings):
         return MilvusSink(uri if self.remote else str(resolve(uri)), target,
                           token=self.resolved_token(), index=self.index,
                           store_text=self.store_text, alias=alias, mark=mark,
-                          secure=bool(self.secure),
+                          timeout=self.timeout_s, secure=bool(self.secure),
                           tls=self.tls.resolved(resolve) if self.tls else None)
 
 

@@ -22,9 +22,10 @@ import grpc
 from pymilvus import MilvusClient, MilvusException
 
 from pipeline.errors import SinkError, TransientError
-from pipeline.secrets import mask_uri
+from pipeline.secrets import client_logs_configured, mask_uri
 from pipeline.sinks.milvus import IndexConfig, TLSConfig, is_server_uri
 
+client_logs_configured()  # importing pymilvus (above) set its loggers' levels again
 T = TypeVar("T")
 
 # Opening a Lite db: tries when its local server cannot be reached, and the first wait.
@@ -112,10 +113,10 @@ class MilvusConnection:
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one pymilvus call; its failure becomes a TransientError or a one-line SinkError.
 
-        A client method gets the connection's deadline unless given one: pymilvus waits
-        forever by default, so a server (or Lite's in-process one) that stops answering would
-        hang the run instead of failing it resumably."""
-        if isinstance(getattr(fn, "__self__", None), MilvusClient):
+        A method of the open client gets the connection's deadline unless given one: pymilvus
+        waits forever by default, so a server (or Lite's in-process one) that stops answering
+        would hang the run instead of failing it resumably."""
+        if self._client is not None and getattr(fn, "__self__", None) is self._client:
             kwargs.setdefault("timeout", self.timeout)
         try:
             return fn(*args, **kwargs)
