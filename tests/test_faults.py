@@ -218,14 +218,15 @@ def test_a_server_that_stops_answering_mid_run_stops_it_resumably(tmp_path: Path
             pytest.skip("the run finished before the server was stopped")
         assert stopped.exit_code == 6, stopped.stderr
         lines = stopped.stderr.strip().splitlines()
-        assert len(lines) == 1 and "DEADLINE_EXCEEDED" in lines[0], stopped.stderr
+        assert len(lines) == 1 and "deadline" in lines[0].lower(), stopped.stderr
         assert "checkpointed" in lines[0]
         assert run(job, process=True).exit_code == 0
         assert_same_store(stored_rows(job), reference["milvus"])  # each key once
+    said = lines[0].split("': ", 1)[-1]  # from the call that failed: the URI's port varies
     record("sink", "the Milvus server stops answering mid-run (SIGSTOP)",
            "each call gives up after sink.timeout_s; exit 6, one line, once the retries are "
-           "spent; a re-run completes", f"exit {stopped.exit_code}: {lines[0][-90:]}; re-run "
-           "exit 0, store equals the fault-free run")
+           "spent; a re-run completes",
+           f"exit {stopped.exit_code}: {said}; re-run exit 0, store equals the fault-free run")
 
 
 def test_too_many_dead_letters_abort_with_a_clear_message(tmp_path: Path) -> None:

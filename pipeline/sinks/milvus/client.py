@@ -55,7 +55,7 @@ class MilvusConnection:
                  index: IndexConfig | None = None, timeout: float = 60.0,
                  secure: bool = False, tls: TLSConfig | None = None) -> None:
         """``uri``: a resolved Lite path ending in .db, or a server URI. ``timeout`` bounds
-        each data call, pymilvus's own retries included, so a dead server surfaces as a
+        each call (``_call``), pymilvus's own retries included, so a dead server surfaces as a
         TransientError for the runner to retry instead of hanging. ``secure``: TLS (implied
         by https://), with ``tls``'s certificates (paths already resolved). ``index``: the
         job's, checked against what Lite builds."""
