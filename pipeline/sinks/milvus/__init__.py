@@ -38,6 +38,7 @@ _GENERATION_SUFFIX = len(_GENERATION_SEPARATOR) + 16  # and the fingerprint's 16
 # validate waits this long for a server, not a run's sink.timeout_s per call: a firewalled
 # host should not hold up a check
 _PROBE_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 60.0  # sink.timeout_s's default: the longest one call may take
 
 
 def is_server_uri(uri: str) -> bool:
@@ -98,7 +99,7 @@ class MilvusSinkConfig(SinkSettings):
     tls: TLSConfig | None = None
     index: IndexConfig = Field(default_factory=IndexConfig)
     timeout_s: float = Field(
-        60.0, gt=0, description="the longest one call to Milvus may take (pymilvus's own retries "
+        CALL_TIMEOUT_S, gt=0, description="the longest one call to Milvus may take (pymilvus's own retries "
         "included) before it counts as a transient failure and is tried again")
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from pymilvus import MilvusClient, MilvusException
 
 from pipeline.errors import SinkError, TransientError
 from pipeline.secrets import client_logs_configured, mask_uri
-from pipeline.sinks.milvus import IndexConfig, TLSConfig, is_server_uri
+from pipeline.sinks.milvus import CALL_TIMEOUT_S, IndexConfig, TLSConfig, is_server_uri
 
 client_logs_configured()  # importing pymilvus (above) set its loggers' levels again
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class MilvusConnection:
     through ``_call``, so its failure names the collection and says whether to retry."""
 
     def __init__(self, uri: str | Path, collection: str, *, token: str | None = None,
-                 index: IndexConfig | None = None, timeout: float = 60.0,
+                 index: IndexConfig | None = None, timeout: float = CALL_TIMEOUT_S,
                  secure: bool = False, tls: TLSConfig | None = None) -> None:
         """``uri``: a resolved Lite path ending in .db, or a server URI. ``timeout`` bounds
         each call (``_call``), pymilvus's own retries included, so a dead server surfaces as a

@@ -31,7 +31,7 @@ from pipeline.sinks.base import (
     VectorBatch,
 )
 from pipeline.sinks.fields import columns
-from pipeline.sinks.milvus import IndexConfig, TLSConfig, schema
+from pipeline.sinks.milvus import CALL_TIMEOUT_S, IndexConfig, TLSConfig, schema
 from pipeline.sinks.milvus.client import MilvusConnection
 
 _DELETE_CHUNK = 500  # doc ids per delete: keeps each filter expression small
@@ -42,7 +42,7 @@ class MilvusSink(MilvusConnection, Destination, Searchable):
 
     def __init__(self, uri: str | Path, collection: str, *, token: str | None = None,
                  index: IndexConfig | None = None, store_text: bool = True,
-                 timeout: float = 60.0, alias: str | None = None,
+                 timeout: float = CALL_TIMEOUT_S, alias: str | None = None,
                  mark: GenerationMark | None = None, secure: bool = False,
                  tls: TLSConfig | None = None) -> None:
         """The connection's arguments (``MilvusConnection``), and: ``alias``, the name
